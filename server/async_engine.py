@@ -1,0 +1,156 @@
+"""AsyncEngine: the only bridge between the event loop and the synchronous engine.
+
+The engine's step loop runs in one worker thread. Requests and aborts reach it through a locked
+inbox; its events come back to per-request asyncio queues with one call_soon_threadsafe per step
+(TGI's channel per request). A generation whose consumer goes away is aborted.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from protocol.errors import ProtocolError
+from protocol.types import Event, Failed, Finished, GenerateRequest
+
+log = logging.getLogger("berth.engine")
+
+
+class EngineDeadError(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class _Channel:
+    queue: asyncio.Queue
+    num_choices: int
+    num_done: int = 0
+
+
+@dataclass(slots=True)
+class _Inbox:
+    adds: list[GenerateRequest] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)
+
+
+class AsyncEngine:
+    def __init__(self, engine, max_pending: int = 128):
+        self.engine = engine
+        self.max_pending = max_pending          # admitted and unfinished requests; more → 429
+        self.model_name = ""
+        self.dead: BaseException | None = None
+        self._channels: dict[str, _Channel] = {}
+        self._inbox = _Inbox()
+        self._wake = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="berth-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wake:
+            self._stop = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @property
+    def num_pending(self) -> int:
+        return len(self._channels)
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Event]:
+        """Yield the request's events; ends after every choice is Finished or Failed.
+
+        Leaving the iteration early (client gone, task cancelled) aborts the request in the engine."""
+        if self.dead is not None:
+            raise ProtocolError("the engine has failed; the server is restarting", status=503)
+        if len(self._channels) >= self.max_pending:
+            raise ProtocolError("the server is overloaded; retry later", status=429, retry_after=1)
+        rid = request.request_id
+        if rid in self._channels:
+            raise ProtocolError("duplicate request id", status=400)
+        channel = _Channel(asyncio.Queue(), request.params.n)
+        self._channels[rid] = channel
+        self._post(add=request)
+        finished = False
+        try:
+            while channel.num_done < channel.num_choices:
+                event = await channel.queue.get()
+                if isinstance(event, (Finished, Failed)):
+                    channel.num_done += 1
+                yield event
+            finished = True
+        finally:
+            self._channels.pop(rid, None)
+            if not finished:
+                self._post(abort=rid)
+
+    def abort(self, request_id: str) -> None:
+        self._post(abort=request_id)
+
+    def _post(self, add: GenerateRequest | None = None, abort: str | None = None) -> None:
+        with self._wake:
+            if add is not None:
+                self._inbox.adds.append(add)
+            if abort is not None:
+                self._inbox.aborts.append(abort)
+            self._wake.notify()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._wake:
+                    while not self._stop and not self._inbox.adds and not self._inbox.aborts \
+                            and not self.engine.has_unfinished():
+                        self._wake.wait()
+                    if self._stop:
+                        return
+                    inbox, self._inbox = self._inbox, _Inbox()
+                events = self._apply(inbox)
+                if self.engine.has_unfinished():
+                    events += self.engine.step()
+                if events:
+                    self._loop.call_soon_threadsafe(self._deliver, events)
+        except BaseException as exc:  # noqa: BLE001 - a dead engine must fail every waiter
+            log.exception("engine step failed; failing all requests")
+            self.dead = exc
+            self._loop.call_soon_threadsafe(self._fail_all)
+
+    def _apply(self, inbox: _Inbox) -> list[tuple[str, Event]]:
+        events: list[tuple[str, Event]] = []
+        for rid in inbox.aborts:
+            events += [(rid, e) for e in self.engine.abort(rid)]
+        for request in inbox.adds:
+            if request.request_id in inbox.aborts:
+                continue
+            try:
+                self.engine.add(request)
+            except ProtocolError as err:
+                events += [(request.request_id, Failed(err, i)) for i in range(request.params.n)]
+            except Exception:  # noqa: BLE001 - e.g. a tokenizer fault: that request alone fails
+                log.exception("admission failed")
+                err = ProtocolError("the request could not be processed", status=500)
+                events += [(request.request_id, Failed(err, i)) for i in range(request.params.n)]
+        return events
+
+    def _deliver(self, events: list[tuple[str, Event]]) -> None:
+        for rid, event in events:
+            channel = self._channels.get(rid)
+            if channel is not None:
+                channel.queue.put_nowait(event)
+
+    def _fail_all(self) -> None:
+        err = ProtocolError("the engine failed while generating", status=500)
+        for channel in self._channels.values():
+            for i in range(channel.num_choices):
+                channel.queue.put_nowait(Failed(err, i))

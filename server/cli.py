@@ -1,0 +1,115 @@
+"""berth command line: `berth serve` deploys a model on every EAS calling method; `berth bench` measures it."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from server.config import DTYPES, EngineConfig
+
+log = logging.getLogger("berth")
+
+
+def serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a model over OpenAI, BladeLLM, EAS HTTP, WebSocket and the WebUI")
+    p.add_argument("--model", default="default",
+                   help="'default' (SmolLM2-135M-Instruct), a local HF folder or a .gguf file")
+    p.add_argument("--engine", choices=("auto", "paged", "transformers"), default="auto")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--token", default=None, help="require this token (Authorization: <token> or Bearer)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--kv-cache-gib", type=float, default=2.0)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--max-pending", type=int, default=256,
+                   help="admitted, unfinished requests before new ones get 429")
+    p.add_argument("--log-level", default="info")
+
+
+def serve(args) -> int:
+    from server.model_store import ModelError, resolve_model
+
+    started = time.monotonic()
+    try:
+        folder = resolve_model(args.model, log=lambda m: print(m, file=sys.stderr, flush=True))
+    except ModelError as err:
+        print(f"berth: error: {err}", file=sys.stderr)
+        return 2
+    config = EngineConfig(model=args.model, engine=args.engine, dtype=args.dtype, device=args.device,
+                          max_model_len=args.max_model_len, block_size=args.block_size,
+                          max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                          kv_cache_gib=args.kv_cache_gib, enable_prefix_caching=not args.no_prefix_caching,
+                          max_pending=args.max_pending)
+    try:
+        engine = _load_engine(config, str(folder))
+    except Exception as exc:  # noqa: BLE001 - one clear line, no traceback
+        print(f"berth: error: cannot load model {args.model!r}: {type(exc).__name__}: "
+              f"{str(exc).splitlines()[0][:300] if str(exc) else ''}", file=sys.stderr)
+        return 2
+    name = args.served_model_name or folder.name
+    _announce(args, name, engine, time.monotonic() - started)
+    return _run(args, engine, name)
+
+
+def _load_engine(config: EngineConfig, folder: str):
+    from server.async_engine import AsyncEngine
+    from server.engine.factory import build_engine
+
+    return AsyncEngine(build_engine(config, folder), max_pending=config.max_pending)
+
+
+def _announce(args, name: str, engine, seconds: float) -> None:
+    url = f"http://{args.host}:{args.port}"
+    auth = f' -H "Authorization: {args.token}"' if args.token else ""
+    kind = type(engine.engine).__name__
+    print(f"berth: serving {name!r} ({kind}, max_model_len {engine.max_model_len}) "
+          f"loaded in {seconds:.1f} s", flush=True)
+    print(f"  endpoint:   {url}\n  model name: {name}\n  token:      {args.token or '(none: open)'}")
+    print(f"  try:  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
+          f"-d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"What is the capital of Canada?\"}}]}}'",
+          flush=True)
+    print(f"  WebUI: {url}/", flush=True)
+
+
+def _run(args, engine, name: str) -> int:
+    from aiohttp import web
+
+    from server.http.app import make_app
+
+    try:
+        import uvloop
+        uvloop.install()
+    except ImportError:
+        pass
+    app = make_app(engine, [name], token=args.token)
+    web.run_app(app, host=args.host, port=args.port, handler_cancellation=True,
+                keepalive_timeout=75, access_log=None, print=None, shutdown_timeout=10)
+    return 0 if engine.dead is None else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="berth", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve_parser(sub)
+    sub.add_parser("bench", help="latency benchmark of a running server (see bench/README.md)",
+                   add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from bench.serving import main as bench_main
+
+        return bench_main(rest) or 0
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The `transformers` engine: the EAS "standard deployment". Any HF causal LM, one sequence at a time.
+
+Same synchronous contract as the paged engine (add / abort / step), so AsyncEngine drives either.
+Each step runs one forward of the current sequence with HF's own KV cache (prefill, then one token).
+"""
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass, field
+
+import torch
+
+from protocol.errors import ProtocolError
+from protocol.types import Event, Failed, FinishReason, GenerateRequest
+from server.engine.output import ChoiceOutput, make_logprob
+from server.engine.sampler import Sampler, SamplingTensors
+from server.engine.stats import EngineStats
+from server.engine.tokenizer import Tokenizer, admit
+
+
+@dataclass(slots=True)
+class _Job:
+    request: GenerateRequest
+    prompt_ids: list[int]
+    outputs: list[ChoiceOutput]
+    choice: int = 0                       # choices run one after another
+    output_ids: list[int] = field(default_factory=list)
+    past: object = None
+    generator: torch.Generator | None = None
+
+
+class HFEngine:
+    def __init__(self, folder: str, dtype: torch.dtype, max_model_len: int | None = None):
+        import transformers
+
+        self.tokenizer = Tokenizer(folder)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            folder, dtype=dtype, local_files_only=True).eval()
+        limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        self.max_model_len = min(max_model_len or limit, limit)
+        self.sampler = Sampler()
+        self.waiting: collections.deque[_Job] = collections.deque()
+        self.current: _Job | None = None
+        self.stats = EngineStats()
+
+    def add(self, request: GenerateRequest) -> None:
+        prompt_ids = self.tokenizer.encode_request(request)
+        adm = admit(request, prompt_ids, self.max_model_len, self.tokenizer.vocab_size)
+        outputs = [ChoiceOutput(self.tokenizer, request.params, i, prompt_ids, adm.max_tokens,
+                                self.tokenizer.eos_token_ids) for i in range(request.params.n)]
+        self.waiting.append(_Job(request, prompt_ids, outputs))
+
+    def abort(self, request_id: str) -> list[Event]:
+        jobs = [j for j in self.waiting if j.request.request_id == request_id]
+        for j in jobs:
+            self.waiting.remove(j)
+        if self.current is not None and self.current.request.request_id == request_id:
+            jobs.append(self.current)
+            self.current = None
+        return [o.finished(FinishReason.ABORT) for j in jobs for o in j.outputs[j.choice:]]
+
+    def has_unfinished(self) -> bool:
+        return self.current is not None or bool(self.waiting)
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[str, Event]]:
+        if self.current is None:
+            if not self.waiting:
+                return []
+            self.current = self.waiting.popleft()
+            self._start_choice(self.current)
+        job = self.current
+        rid = job.request.request_id
+        try:
+            token_id, logprob = self._next_token(job)
+            out = job.outputs[job.choice]
+            events: list[tuple[str, Event]] = []
+            delta = out.add(token_id, logprob)
+            if delta is not None:
+                events.append((rid, delta))
+        except Exception:  # noqa: BLE001 - one request's failure must not stop the engine
+            self.current = None
+            return [(rid, Failed(ProtocolError("generation failed", status=500), o.index))
+                    for o in job.outputs[job.choice:]]
+        if out.reason is not None:
+            events.append((rid, out.finished()))
+            job.choice += 1
+            if job.choice == len(job.outputs):
+                self.current = None
+            else:
+                self._start_choice(job)
+        return events
+
+    def _start_choice(self, job: _Job) -> None:
+        job.output_ids, job.past = [], None
+        seed = job.request.params.seed
+        job.generator = None if seed is None else torch.Generator().manual_seed((seed + job.choice) % 2**63)
+
+    def _next_token(self, job: _Job) -> tuple[int, object]:
+        params = job.request.params
+        if job.past is None:
+            ids = torch.tensor([job.prompt_ids])                           # (1, P)
+        else:
+            ids = torch.tensor([[job.output_ids[-1]]])                     # (1, 1)
+        result = self.model(input_ids=ids, past_key_values=job.past, use_cache=True)
+        job.past = result.past_key_values
+        logits = result.logits[:, -1, :].float()                           # (1, V)
+        tensors = SamplingTensors.build([params], logits.device)
+        res = self.sampler.sample(logits, tensors, [job.output_ids], [job.prompt_ids], [job.generator])
+        token_id = res.token_ids[0]
+        job.output_ids.append(token_id)
+        logprob = None
+        if params.logprobs:
+            top = res.top_logprobs[0] if res.top_logprobs else None
+            logprob = make_logprob(self.tokenizer, token_id, res.logprobs[0], top)
+        return token_id, logprob
+
+    def snapshot(self) -> EngineStats:
+        self.stats.num_running = int(self.current is not None)
+        self.stats.num_waiting = len(self.waiting)
+        return self.stats

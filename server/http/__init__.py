@@ -1,0 +1,1 @@
+"""aiohttp front end: the only package that imports aiohttp."""

@@ -1,0 +1,31 @@
+"""make_app(engine) -> web.Application: middlewares, routes, and the engine's lifetime."""
+from __future__ import annotations
+
+from aiohttp import web
+
+from server.async_engine import AsyncEngine
+from server.http import keys
+from server.http.auth import TokenChecker, auth_middleware
+from server.http.errors import error_middleware
+from server.http.routes import add_routes
+
+MAX_BODY_BYTES = 2 * 1024 * 1024
+
+
+def make_app(engine: AsyncEngine, served_names: list[str], token: str | None = None,
+             max_body: int = MAX_BODY_BYTES) -> web.Application:
+    app = web.Application(client_max_size=max_body,
+                          middlewares=[error_middleware, auth_middleware(TokenChecker(token))])
+    app[keys.STATE] = keys.ServerState(engine=engine, served_names=served_names, max_body=max_body)
+    app.cleanup_ctx.append(_engine_lifetime)
+    add_routes(app)
+    return app
+
+
+async def _engine_lifetime(app: web.Application):
+    state = app[keys.STATE]
+    state.engine.start()
+    state.ready = True
+    yield
+    state.ready = False
+    state.engine.stop()
