@@ -125,6 +125,9 @@ class TokenDelta:
     token_ids: tuple[int, ...]
     index: int = 0
     logprobs: tuple[TokenLogprob, ...] | None = None
+    # Optional: the request's prompt length, set by the engine at least on a choice's first delta
+    # (BladeLLM chunks carry cumulative usage from the first one). None: not known yet.
+    num_prompt_tokens: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -102,7 +102,7 @@ class HFEngine:
             ids = torch.tensor([job.prompt_ids])                           # (1, P)
         else:
             ids = torch.tensor([[job.output_ids[-1]]])                     # (1, 1)
-        result = self.model(input_ids=ids, past_key_values=job.past, use_cache=True)
+        result = self.model(input_ids=ids, cache=job.past, use_cache=True)
         job.past = result.past_key_values
         logits = result.logits[:, -1, :].float()                           # (1, V)
         tensors = SamplingTensors.build([params], logits.device)

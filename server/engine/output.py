@@ -35,7 +35,8 @@ class ChoiceOutput:
             text += self.detok.flush()
         if not text and logprob is None and self.reason is None:
             return None
-        return TokenDelta(text, (token_id,), self.index, (logprob,) if logprob is not None else None)
+        return TokenDelta(text, (token_id,), self.index, (logprob,) if logprob is not None else None,
+                          self.num_prompt_tokens)
 
     def finished(self, reason: FinishReason | None = None, cached_tokens: int = 0) -> Finished:
         return Finished(reason or self.reason or FinishReason.ABORT,

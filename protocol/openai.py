@@ -1,0 +1,160 @@
+"""OpenAI routes (and the BladeLLM flavour of /v1/completions): request parsing, model names.
+
+Stream renderers and non-stream collectors live in openai_stream / openai_collect and are
+re-exported here, so `protocol.openai` is the whole OpenAI surface.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protocol.errors import ProtocolError, bad_field
+from protocol.openai_collect import ChatCollector, CompletionCollector
+from protocol.openai_stream import ChatStreamRenderer, CompletionStreamRenderer
+from protocol.sampling import MAX_TOKEN_ID, as_bool, as_int, parse_sampling
+from protocol.types import GenerateRequest
+
+__all__ = ["ParsedRequest", "parse_chat_request", "parse_completion_request", "check_model", "render_models",
+           "ChatStreamRenderer", "CompletionStreamRenderer", "ChatCollector", "CompletionCollector"]
+
+MODEL_DIR_ALIASES = ("/model_dir/", "/model_dir")
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+MAX_MODEL_NAME_ECHO = 256
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    request: GenerateRequest
+    stream: bool
+    model: str | None          # as requested; check_model() resolves it
+    include_usage: bool
+    flavour: str               # "openai" | "bladellm"
+
+
+def parse_chat_request(body: object, request_id: str) -> ParsedRequest:
+    body = _object(body)
+    messages = _messages(body.get("messages"))
+    request = GenerateRequest(request_id=request_id, params=parse_sampling(body), messages=messages,
+                              add_generation_prompt=as_bool("add_generation_prompt",
+                                                            body.get("add_generation_prompt", True)))
+    stream = as_bool("stream", _or(body.get("stream"), False))
+    return ParsedRequest(request, stream, _model(body), _include_usage(body), "openai")
+
+
+def parse_completion_request(body: object, request_id: str) -> ParsedRequest:
+    """OpenAI completions; BladeLLM's flavour has no "model" or sends `stream` as a string."""
+    body = _object(body)
+    _reject_unsupported(body)
+    text, token_ids = _prompt(body.get("prompt"))
+    request = GenerateRequest(request_id=request_id, params=parse_sampling(body, completion=True),
+                              prompt=text, prompt_token_ids=token_ids)
+    raw_stream = body.get("stream")
+    flavour = "bladellm" if "model" not in body or isinstance(raw_stream, str) else "openai"
+    return ParsedRequest(request, _stream_flag(raw_stream), _model(body), _include_usage(body), flavour)
+
+
+def check_model(requested: str | None, served_names: list[str]) -> str:
+    """The model name to echo in responses: the served one when none was asked, the requested
+    one when it is served or is the EAS alias /model_dir/. Otherwise 404."""
+    if requested is None:
+        return served_names[0]
+    if requested in served_names or requested in MODEL_DIR_ALIASES:
+        return requested
+    name = requested[:MAX_MODEL_NAME_ECHO]
+    raise ProtocolError(f'The model "{name}" does not exist.', status=404, param="model", type="not_found_error")
+
+
+def render_models(served_names: list[str], max_model_len: int, created: int) -> dict:
+    """The GET /v1/models body."""
+    return {"object": "list",
+            "data": [{"id": name, "object": "model", "created": created, "owned_by": "berth",
+                      "max_model_len": max_model_len} for name in served_names]}
+
+
+def _object(body: object) -> dict:
+    if not isinstance(body, dict):
+        raise ProtocolError("the request body must be a JSON object")
+    return body
+
+
+def _or(value: object, default: object) -> object:
+    return default if value is None else value
+
+
+def _model(body: dict) -> str | None:
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise bad_field("model", "must be a string")
+    return model
+
+
+def _include_usage(body: dict) -> bool:
+    options = _or(body.get("stream_options"), {})
+    if not isinstance(options, dict):
+        raise bad_field("stream_options", "must be an object")
+    return as_bool("stream_options.include_usage", _or(options.get("include_usage"), False))
+
+
+def _stream_flag(value: object) -> bool:
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    return as_bool("stream", _or(value, False))
+
+
+def _messages(value: object) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        raise bad_field("messages", "must be a non-empty list of messages")
+    return [_message(m) for m in value]
+
+
+def _message(message: object) -> dict:
+    if not isinstance(message, dict):
+        raise bad_field("messages", "each message must be an object")
+    role = message.get("role")
+    if role not in ROLES:
+        raise bad_field("messages", f"unknown role; expected one of {', '.join(ROLES)}")
+    content = message.get("content")
+    if content is None and role == "assistant":
+        content = ""
+    return {"role": ROLES[role], "content": _content(content)}
+
+
+def _content(content: object) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise bad_field("messages", "content must be a string or a list of text parts")
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            raise bad_field("messages", 'content parts must be {"type": "text", "text": <string>}')
+        texts.append(part["text"])
+    return "\n".join(texts)
+
+
+def _prompt(value: object) -> tuple[str | None, list[int] | None]:
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], (str, list)):
+        value = value[0]
+    elif isinstance(value, list) and value and all(isinstance(p, (str, list)) for p in value):
+        raise bad_field("prompt", "batched prompts are not supported; send one prompt per request")
+    if isinstance(value, str):
+        if not value:
+            raise bad_field("prompt", "must not be empty")
+        return value, None
+    if not isinstance(value, list) or not value:
+        raise bad_field("prompt", "must be a non-empty string or list of token ids")
+    token_ids = [as_int("prompt", t) for t in value]
+    if any(not 0 <= t <= MAX_TOKEN_ID for t in token_ids):
+        raise bad_field("prompt", "token ids must be non-negative integers")
+    return None, token_ids
+
+
+def _reject_unsupported(body: dict) -> None:
+    if body.get("echo"):
+        raise bad_field("echo", "is not supported")
+    if body.get("suffix"):
+        raise bad_field("suffix", "is not supported")
+    if body.get("prompt_logprobs") is not None:
+        raise bad_field("prompt_logprobs", "is not supported")
+    best_of = body.get("best_of")
+    if best_of is not None and as_int("best_of", best_of) not in (1, body.get("n") or 1):
+        raise bad_field("best_of", "is not supported (it must be 1 or equal to n)")

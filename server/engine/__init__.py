@@ -1,0 +1,1 @@
+"""The paged engine: synchronous, single-threaded, no aiohttp (DESIGN.md)."""

@@ -1,0 +1,59 @@
+"""ModelRunner: owns the model, the paged KV tensors, device and dtype; one forward per step."""
+from __future__ import annotations
+
+import torch
+
+from kernels.metadata import build_metadata
+from server.engine.scheduler import SchedulerOutput, needs_sample
+
+
+def kv_bytes_per_token(hf_config, dtype: torch.dtype) -> int:
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    return 2 * hf_config.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
+
+class ModelRunner:
+    def __init__(self, model, device: torch.device, dtype: torch.dtype, block_size: int, num_blocks: int):
+        cfg = model.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        shape = (num_blocks, block_size, kv_heads, head_dim)       # flash-attn paged layout
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
+                           torch.zeros(shape, dtype=dtype, device=device))
+                          for _ in range(cfg.num_hidden_layers)]
+
+    @torch.inference_mode()
+    def run(self, out: SchedulerOutput) -> torch.Tensor:
+        """Forward the whole batch; logits (S, V) float32 for the rows that sample, in batch order."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slot_mapping: list[int] = []
+        query_lens, context_lens, block_tables, sample_rows = [], [], [], []
+        for s in out.scheduled:
+            seq, start, end = s.seq, s.start, s.start + s.num_new_tokens
+            table = seq.block_table
+            input_ids += seq.token_ids[start:end]
+            positions += range(start, end)
+            slot_mapping += [table[p // bs] * bs + p % bs for p in range(start, end)]
+            query_lens.append(s.num_new_tokens)
+            context_lens.append(end)
+            block_tables.append(table[:(end + bs - 1) // bs])
+            if needs_sample(s):
+                sample_rows.append(len(input_ids) - 1)
+        meta = build_metadata(query_lens, context_lens, block_tables, slot_mapping, bs, self.device)
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)          # (T,)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)          # (T,)
+        hidden = self.model(ids, pos, self.kv_caches, meta)                          # (T, H)
+        if not sample_rows:
+            return hidden.new_empty((0, 0), dtype=torch.float32)
+        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
+        return self.model.compute_logits(hidden.index_select(0, rows))               # (S, V)

@@ -1,0 +1,29 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="berth",
+    version="0.1.0",
+    description="Self-hosted LLM serving: every PAI-EAS calling method over a paged-KV continuous-batching engine",
+    python_requires=">=3.11",
+    packages=find_packages(include=["server", "server.*", "kernels", "kernels.*", "protocol", "protocol.*",
+                                    "bench", "bench.*"]),
+    package_data={"server.http": ["static/*"]},
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=4.56",
+        "gguf>=0.10",
+        "accelerate",
+        "safetensors",
+        "aiohttp>=3.14.3",
+        "uvloop; sys_platform != 'win32'",
+        "orjson",
+        "tqdm",
+        "prometheus_client",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-aiohttp", "pytest-timeout", "hypothesis", "requests", "websocket-client",
+                 "openai", "playwright", "matplotlib", "numpy"],
+        "cuda": ["flash-attn"],
+    },
+    entry_points={"console_scripts": ["berth=server.cli:main"]},
+)

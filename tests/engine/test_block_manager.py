@@ -1,0 +1,179 @@
+"""BlockManager: allocation, ref counts, LRU eviction order, prefix hits, fork (no model, no torch)."""
+import pytest
+
+from protocol.types import SamplingParams
+from server.engine.block_manager import BlockManager
+from server.engine.sequence import Sequence
+
+BS = 4
+
+
+def make_seq(seq_id: int, token_ids: list[int], request_id: str | None = None) -> Sequence:
+    return Sequence(seq_id=seq_id, request_id=request_id or f"r{seq_id}", token_ids=list(token_ids),
+                    num_prompt_tokens=len(token_ids), params=SamplingParams(), max_tokens=16)
+
+
+def compute(bm: BlockManager, seq: Sequence, num_tokens: int) -> None:
+    """Pretend a step computed seq's tokens up to num_tokens."""
+    assert bm.allocate(seq, num_tokens)
+    seq.num_computed_tokens = num_tokens
+    bm.commit_full_blocks(seq)
+
+
+def test_allocate_and_free_counts():
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    seq = make_seq(0, range(10))
+    assert bm.allocate(seq, 10)
+    assert len(seq.block_table) == 3 and bm.num_used_blocks == 3 and bm.num_free_blocks == 5
+    bm.check_integrity([seq])
+    assert bm.allocate(seq, 13)            # grows by one block
+    assert len(seq.block_table) == 4
+    bm.check_integrity([seq])
+    bm.free(seq)
+    assert seq.block_table == [] and bm.num_free_blocks == 8
+    bm.check_integrity([])
+
+
+def test_allocate_fails_without_changing_anything():
+    bm = BlockManager(num_blocks=3, block_size=BS)
+    a, b = make_seq(0, range(8)), make_seq(1, range(100, 108))
+    assert bm.allocate(a, 8)
+    assert not bm.can_allocate(b, 8)
+    assert not bm.allocate(b, 8)
+    assert b.block_table == [] and bm.num_free_blocks == 1
+    bm.check_integrity([a, b])
+
+
+def test_integrity_detects_broken_ref_count():
+    bm = BlockManager(num_blocks=4, block_size=BS)
+    seq = make_seq(0, range(4))
+    bm.allocate(seq, 4)
+    with pytest.raises(AssertionError, match="ref_count"):
+        bm.check_integrity([])           # a live seq was not passed
+    bm.blocks[seq.block_table[0]].ref_count = 2
+    with pytest.raises(AssertionError, match="ref_count 2"):
+        bm.check_integrity([seq])
+
+
+def test_prefix_hit_across_two_sequences():
+    bm = BlockManager(num_blocks=16, block_size=BS)
+    a = make_seq(0, [*range(12), 50, 51])          # 3 full blocks + 2 tokens
+    compute(bm, a, a.num_tokens)
+    b = make_seq(1, [*range(12), 60, 61, 62])      # same 3 full blocks, different tail
+    assert bm.allocate(b, b.num_tokens)
+    assert b.num_computed_tokens == 12 and b.num_cached_tokens == 12
+    assert b.block_table[:3] == a.block_table[:3] and b.block_table[3] != a.block_table[3]
+    assert all(bm.blocks[i].ref_count == 2 for i in a.block_table[:3])
+    assert bm.prefix_hit_stats.num_hit_tokens == 12 and bm.prefix_hit_stats.num_queries == 2
+    bm.check_integrity([a, b])
+
+
+def test_prefix_hit_never_covers_the_whole_prompt():
+    bm = BlockManager(num_blocks=16, block_size=BS)
+    a = make_seq(0, range(8))                      # exactly 2 full blocks
+    compute(bm, a, 8)
+    b = make_seq(1, range(8))
+    assert bm.allocate(b, 8)
+    assert b.num_computed_tokens == 4              # the last block is recomputed: logits for token 7
+    bm.check_integrity([a, b])
+
+
+def test_divergent_prefix_stops_the_hit_chain():
+    bm = BlockManager(num_blocks=16, block_size=BS)
+    a = make_seq(0, [*range(8), *range(20, 29)])
+    compute(bm, a, a.num_tokens)
+    b = make_seq(1, [0, 1, 2, 99, *range(4, 8), *range(20, 29)])   # differs in block 0
+    bm.allocate(b, b.num_tokens)
+    assert b.num_computed_tokens == 0              # chained hash: later equal blocks do not match
+
+
+def test_freed_blocks_stay_cached_until_evicted_lru():
+    bm = BlockManager(num_blocks=4, block_size=BS)
+    a = make_seq(0, range(9))                      # 2 full blocks + 1 token
+    compute(bm, a, 9)
+    table = list(a.block_table)
+    bm.free(a)
+    assert bm.num_free_blocks == 4 and bm.num_evictable_blocks == 2
+    # unhashed tail block goes to the head; hashed blocks to the tail with the seq's tail first
+    assert list(bm.free_queue)[:1] == [table[2]]
+    assert list(bm.free_queue)[-2:] == [table[1], table[0]]
+    bm.check_integrity([])
+    b = make_seq(1, [*range(8), 77])               # revives both cached blocks
+    assert bm.allocate(b, 9)
+    assert b.block_table[:2] == table[:2] and b.num_computed_tokens == 8
+    bm.check_integrity([b])
+
+
+def test_eviction_takes_least_recently_freed_first():
+    bm = BlockManager(num_blocks=4, block_size=BS)
+    a, b = make_seq(0, range(4, 9)), make_seq(1, range(100, 105))
+    compute(bm, a, 5)
+    compute(bm, b, 5)
+    a_block, b_block = a.block_table[0], b.block_table[0]
+    bm.free(a)                                     # a's hashed block freed first: evicted first
+    bm.free(b)
+    c = make_seq(2, range(200, 212))
+    assert bm.allocate(c, 12)                      # 3 blocks: 2 unhashed + the oldest cached one
+    assert a_block in c.block_table and b_block not in c.block_table
+    assert bm.blocks[b_block].hash is not None and bm.num_evictable_blocks == 1
+    assert len(bm.hash_to_block_id) == 1
+    bm.check_integrity([c])
+    d = make_seq(3, range(4, 9))                   # a's prefix was evicted: no hit
+    bm.allocate(d, 5)
+    assert d.num_computed_tokens == 0
+    bm.check_integrity([c, d])
+
+
+def test_revived_evictable_blocks_count_against_free_blocks():
+    bm = BlockManager(num_blocks=3, block_size=BS)
+    a = make_seq(0, range(9))
+    compute(bm, a, 9)
+    bm.free(a)
+    b = make_seq(1, [*range(8), 5, 6, 7, 8, 9])    # hits 2 blocks, needs 2 more: 4 > 3
+    assert not bm.can_allocate(b, b.num_tokens)
+    assert not bm.allocate(b, b.num_tokens)
+    assert b.num_computed_tokens == 0 and bm.num_evictable_blocks == 2
+    bm.check_integrity([b])
+
+
+def test_duplicate_blocks_keep_hash_map_consistent():
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    a, b = make_seq(0, range(6)), make_seq(1, range(6))
+    assert bm.allocate(a, 6) and bm.allocate(b, 6)   # both miss: computed concurrently
+    for seq in (a, b):
+        seq.num_computed_tokens = 6
+        bm.commit_full_blocks(seq)
+    assert bm.blocks[a.block_table[0]].hash == bm.blocks[b.block_table[0]].hash
+    bm.check_integrity([a, b])
+    bm.free(a)
+    bm.free(b)
+    c = make_seq(2, range(100, 132))               # evicts everything
+    assert bm.allocate(c, 32)
+    assert bm.hash_to_block_id == {}
+    bm.check_integrity([c])
+
+
+def test_fork_shares_full_computed_blocks_only():
+    bm = BlockManager(num_blocks=16, block_size=BS)
+    parent = make_seq(0, range(10))
+    compute(bm, parent, 10)
+    child = make_seq(1, range(10), request_id="r0")
+    bm.fork(parent, child)
+    assert child.block_table == parent.block_table[:2] and child.num_computed_tokens == 8
+    assert all(bm.blocks[i].ref_count == 2 for i in parent.block_table[:2])
+    assert bm.allocate(child, 10)                  # its own partial block
+    assert child.block_table[2] != parent.block_table[2]
+    bm.check_integrity([parent, child])
+    bm.free(parent)
+    bm.free(child)
+    bm.check_integrity([])
+
+
+def test_no_prefix_caching():
+    bm = BlockManager(num_blocks=8, block_size=BS, enable_prefix_caching=False)
+    a = make_seq(0, range(9))
+    compute(bm, a, 9)
+    b = make_seq(1, range(9))
+    bm.allocate(b, 9)
+    assert b.num_computed_tokens == 0 and bm.hash_to_block_id == {}
+    bm.check_integrity([a, b])
