@@ -128,7 +128,7 @@ class Engine:
             log.exception("output processing failed for %s", seq.request_id)
             self._drop(seq)
             return [(seq.request_id, Failed(ProtocolError("generation failed", status=500), seq.index))]
-        events = [] if delta is None else [(seq.request_id, delta)]
+        events = [(seq.request_id, delta)]
         if out.reason is not None:
             self._drop(seq)
             events.append((seq.request_id, out.finished(cached_tokens=seq.num_cached_tokens)))

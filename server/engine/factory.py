@@ -33,7 +33,7 @@ def build_engine(config: EngineConfig, folder: str):
 def _paged_supports(folder: str) -> bool:
     try:
         from server.engine.engine import Engine  # noqa: F401
-        from server.engine.models import is_supported
+        from server.engine.models.llama import is_supported
     except ImportError:
         return False
     import transformers

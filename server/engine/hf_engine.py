@@ -74,10 +74,7 @@ class HFEngine:
         try:
             token_id, logprob = self._next_token(job)
             out = job.outputs[job.choice]
-            events: list[tuple[str, Event]] = []
-            delta = out.add(token_id, logprob)
-            if delta is not None:
-                events.append((rid, delta))
+            events: list[tuple[str, Event]] = [(rid, out.add(token_id, logprob))]
         except Exception:  # noqa: BLE001 - one request's failure must not stop the engine
             self.current = None
             return [(rid, Failed(ProtocolError("generation failed", status=500), o.index))

@@ -20,8 +20,9 @@ class ChoiceOutput:
         self.num_output_tokens = 0
         self.reason: FinishReason | None = None
 
-    def add(self, token_id: int, logprob: TokenLogprob | None = None) -> TokenDelta | None:
-        """Account for one sampled token; returns the delta to send (None when nothing new)."""
+    def add(self, token_id: int, logprob: TokenLogprob | None = None) -> TokenDelta:
+        """Account for one sampled token. The delta always carries the token id; its text may be ""
+        (a character still incomplete, or a possible stop string held back)."""
         self.num_output_tokens += 1
         if token_id in self.stop_ids and self.num_output_tokens > self.params.min_tokens:
             text, self.reason = "", FinishReason.STOP   # EOS / stop tokens are not part of the text
@@ -33,8 +34,6 @@ class ChoiceOutput:
                 self.reason = FinishReason.LENGTH
         if self.reason is not None and not self.detok.stopped:
             text += self.detok.flush()
-        if not text and logprob is None and self.reason is None:
-            return None
         return TokenDelta(text, (token_id,), self.index, (logprob,) if logprob is not None else None,
                           self.num_prompt_tokens)
 

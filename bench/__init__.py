@@ -1,0 +1,1 @@
+"""berth benchmarks: latency of every calling method (serving), peers comparison (peers)."""

@@ -1,0 +1,1 @@
+"""berth server: engine, HTTP front end and CLI."""

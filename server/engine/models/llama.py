@@ -1,0 +1,238 @@
+"""Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3) over berth's paged KV cache.
+
+Parameter names follow the HF checkpoints except the fused projections (`qkv_proj` = q, k, v
+rows concatenated; `gate_up_proj` = gate, up), which weights.py fills shard by shard
+(nano-vllm's packed_modules_mapping).
+NOTE: sliding-window attention (Mistral, some Qwen2/3 configs) is ignored: every layer attends
+to the full context. Outputs match HF exactly while sequences stay within the window.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import kernels
+from kernels.metadata import AttentionMetadata
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
+                           "Qwen3ForCausalLM"}
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3"}
+
+
+def rope_parameters(config) -> dict:
+    """RoPE settings as transformers 5 stores them (config.rope_parameters, with rope_theta
+    inside), falling back to the 4.x fields (rope_scaling + rope_theta)."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+                  or {})
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    return params
+
+
+def is_supported(config) -> bool:
+    """True for a Llama-family architecture (by `architectures`, else by `model_type`) whose
+    RoPE type we implement."""
+    architectures = getattr(config, "architectures", None)
+    known = (any(a in SUPPORTED_ARCHITECTURES for a in architectures) if architectures
+             else getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES)
+    return known and rope_parameters(config)["rope_type"] in SUPPORTED_ROPE_TYPES
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+class Linear(nn.Module):
+    """y = x W^T + b with uninitialised storage (weights are always loaded). `shard_sizes`
+    lists the row counts of packed sub-matrices in order (e.g. q, k, v) for the loader."""
+
+    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool = False):
+        super().__init__()
+        self.shard_sizes = shard_sizes
+        self.weight = nn.Parameter(torch.empty(sum(shard_sizes), in_features), requires_grad=False)
+        self.bias = (nn.Parameter(torch.empty(sum(shard_sizes)), requires_grad=False)
+                     if bias else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+    def add_forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """Fused residual: residual += x (in place), returns (norm(residual), residual)."""
+        residual.add_(x)
+        return self.forward(residual), residual
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotate-half RoPE (HF layout) with a cos|sin cache (max_positions, head_dim) built once."""
+
+    def __init__(self, head_dim: int, max_positions: int, params: dict):
+        super().__init__()
+        self.head_dim, self.max_positions, self.params = head_dim, max_positions, params
+        self.register_buffer("cos_sin_cache", self._compute_cache(), persistent=False)
+
+    def rebuild(self, dtype: torch.dtype, device) -> None:
+        """Recompute the cache after the module was materialised from the meta device."""
+        self.cos_sin_cache = self._compute_cache(device).to(dtype)
+
+    def _compute_cache(self, device=None) -> Tensor:
+        inv_freq = rope_inv_freq(self.head_dim, self.params, device)  # (D/2,)
+        t = torch.arange(self.max_positions, dtype=torch.float32, device=device)
+        freqs = torch.outer(t, inv_freq)  # (P, D/2)
+        return torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # (P, D)
+
+    def lookup(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # (T, D/2) each
+        return cos.unsqueeze(1), sin.unsqueeze(1)  # (T, 1, D/2)
+
+
+def rope_inv_freq(head_dim: int, params: dict, device=None) -> Tensor:
+    """Inverse frequencies for rope_type default / linear / llama3 (transformers' formulas)."""
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
+    inv_freq = 1.0 / (params["rope_theta"] ** exponent)  # (D/2,)
+    rope_type = params["rope_type"]
+    if rope_type == "linear":
+        return inv_freq / params["factor"]
+    if rope_type != "llama3":
+        assert rope_type == "default", f"unsupported rope_type {rope_type}"
+        return inv_freq
+    factor, old_len = params["factor"], params["original_max_position_embeddings"]
+    low, high = params["low_freq_factor"], params["high_freq_factor"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (T, H, D), cos/sin (T, 1, D/2) -> rotated (T, H, D), rotate-half convention."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = head_dim_of(config)
+        self.scale = self.head_dim ** -0.5
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attention_bias = getattr(config, "attention_bias", False)
+        qkv_bias = attention_bias or config.model_type == "qwen2"
+        self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias)
+        self.o_proj = Linear(q_size, [config.hidden_size], bias=attention_bias)
+        self.has_qk_norm = config.model_type == "qwen3"
+        if self.has_qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: tuple[Tensor, Tensor],
+                meta: AttentionMetadata) -> Tensor:
+        num_tokens = x.shape[0]
+        num_qk_heads = self.num_heads + self.num_kv_heads
+        qkv = self.qkv_proj(x).view(num_tokens, num_qk_heads + self.num_kv_heads, self.head_dim)
+        if self.has_qk_norm:
+            q = apply_rope(self.q_norm(qkv[:, :self.num_heads]), cos, sin)  # (T, Hq, D)
+            k = apply_rope(self.k_norm(qkv[:, self.num_heads:num_qk_heads]), cos, sin)  # (T, Hkv, D)
+        else:
+            qk = apply_rope(qkv[:, :num_qk_heads], cos, sin)  # (T, Hq + Hkv, D), one op for both
+            q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+        v = qkv[:, num_qk_heads:]  # (T, Hkv, D)
+        k_cache, v_cache = kv_cache
+        kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = kernels.paged_attention(q, k_cache, v_cache, meta, self.scale, k, v)  # (T, Hq, D)
+        return self.o_proj(out.reshape(num_tokens, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        bias = getattr(config, "mlp_bias", False)
+        size = config.intermediate_size
+        self.gate_up_proj = Linear(config.hidden_size, [size, size], bias=bias)
+        self.down_proj = Linear(size, [config.hidden_size], bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I) each
+        return self.down_proj(F.silu(gate).mul_(up))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor,
+                kv_cache: tuple[Tensor, Tensor], meta: AttentionMetadata) -> tuple[Tensor, Tensor]:
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm.add_forward(x, residual)
+        x = self.self_attn(x, cos, sin, kv_cache, meta)
+        x, residual = self.post_attention_layernorm.add_forward(x, residual)
+        return self.mlp(x), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config, max_positions: int):
+        super().__init__()
+        self.embed_tokens = nn.Module()
+        self.embed_tokens.weight = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size),
+                                                requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(head_dim_of(config), max_positions, rope_parameters(config))
+
+
+class LlamaForCausalLM(nn.Module):
+    """forward(input_ids (T,), positions (T,), kv_caches [(k_cache, v_cache)] per layer, meta)
+    -> hidden (T, hidden_size); compute_logits(hidden (B, hidden)) -> (B, vocab) float32.
+    The KV caches are written in place (each layer stores its new K/V at meta.slot_mapping)."""
+    packed_modules_mapping = {
+        "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+    }
+
+    def __init__(self, config, max_positions: int | None = None):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config, max_positions or config.max_position_embeddings)
+        self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
+        self.lm_head = nn.Module()
+        self.lm_head.weight = (self.model.embed_tokens.weight if self.tie_word_embeddings else
+                               nn.Parameter(torch.empty(config.vocab_size, config.hidden_size),
+                                            requires_grad=False))
+
+    @torch.inference_mode()
+    def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]],
+                meta: AttentionMetadata) -> Tensor:
+        x = F.embedding(input_ids, self.model.embed_tokens.weight)  # (T, hidden)
+        cos, sin = self.model.rotary_emb.lookup(positions)  # (T, 1, D/2), shared by every layer
+        residual = None
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            x, residual = layer(x, residual, cos, sin, kv_cache, meta)
+        x, _ = self.model.norm.add_forward(x, residual)
+        return x
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: Tensor) -> Tensor:
+        return F.linear(hidden, self.lm_head.weight).float()  # (B, vocab)

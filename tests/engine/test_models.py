@@ -1,0 +1,136 @@
+"""Our LlamaForCausalLM vs transformers on tiny random checkpoints (fp32, CPU, no network)."""
+import pytest
+import torch
+import transformers
+
+from kernels.metadata import build_metadata
+from server.engine.models.llama import is_supported
+from server.engine.models.weights import build_model, load_weights
+
+BLOCK_SIZE = 4
+NUM_BLOCKS = 32
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            rms_norm_eps=1e-5)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+
+CASES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "llama_tied": ("LlamaConfig", "LlamaForCausalLM", {"tie_word_embeddings": True}),
+    "llama3_rope": ("LlamaConfig", "LlamaForCausalLM", {"rope_parameters": LLAMA3_ROPE}),
+    "llama_linear_rope": ("LlamaConfig", "LlamaForCausalLM",
+                          {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
+                                               "rope_theta": 10000.0}}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"head_dim": 32}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"vocab_size": 256, "tie_word_embeddings": True}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24, "num_key_value_heads": 1}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def checkpoint(request, tmp_path_factory):
+    config_cls, model_cls, extra = CASES[request.param]
+    config = getattr(transformers, config_cls)(**{**TINY, **extra})
+    torch.manual_seed(0)
+    hf_model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # random norms and biases so that every weight matters
+        for name, p in hf_model.named_parameters():
+            if "norm" in name or name.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+    folder = tmp_path_factory.mktemp(request.param)
+    hf_model.save_pretrained(folder, safe_serialization=True)
+    return hf_model, str(folder), build_model(str(folder), torch.float32, "cpu")
+
+
+def hf_logits(hf_model, prompt):
+    with torch.no_grad():
+        return hf_model(torch.tensor([prompt])).logits[0].float()  # (n, vocab)
+
+
+def new_caches(model, num_blocks=NUM_BLOCKS):
+    cfg = model.config
+    shape = (num_blocks, BLOCK_SIZE, cfg.num_key_value_heads,
+             model.model.layers[0].self_attn.head_dim)
+    return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_hidden_layers)]
+
+
+def run_chunk(model, caches, tokens, start, block_table):
+    """Feed tokens at positions start.. for one sequence; returns logits (len, vocab)."""
+    positions = list(range(start, start + len(tokens)))
+    slots = [block_table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in positions]
+    meta = build_metadata([len(tokens)], [start + len(tokens)], [block_table], slots, BLOCK_SIZE,
+                          "cpu")
+    hidden = model(torch.tensor(tokens), torch.tensor(positions), caches, meta)
+    return model.compute_logits(hidden)
+
+
+PROMPT = [3, 17, 99, 42, 7, 7, 120, 1, 64, 5, 88, 23, 11]
+
+
+def test_prefill_matches_transformers(checkpoint):
+    hf_model, _, model = checkpoint
+    logits = run_chunk(model, new_caches(model), PROMPT, 0, [5, 2, 9, 0])
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, hf_logits(hf_model, PROMPT), atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_prefill_then_decode_matches_transformers(checkpoint):
+    hf_model, _, model = checkpoint
+    caches, block_table = new_caches(model), [11, 3, 30, 7]  # non-contiguous blocks
+    expected = hf_logits(hf_model, PROMPT)
+    got = [run_chunk(model, caches, PROMPT[:6], 0, block_table)]
+    got.append(run_chunk(model, caches, PROMPT[6:9], 6, block_table))  # chunk over a cached prefix
+    got += [run_chunk(model, caches, [t], p, block_table) for p, t in enumerate(PROMPT) if p >= 9]
+    torch.testing.assert_close(torch.cat(got), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_mixed_batch_matches_separate_runs(checkpoint):
+    """Two decode rows and a prefill row in one forward give the same logits as alone."""
+    hf_model, _, model = checkpoint
+    caches, tables = new_caches(model), [[1, 4, 6, 8], [2, 10, 12, 14], [3, 5, 7, 9]]
+    prompts = [PROMPT[:9], PROMPT[2:12], PROMPT[:5]]
+    for prompt, table in zip(prompts[:2], tables[:2]):
+        run_chunk(model, caches, prompt[:-1], 0, table)
+    slots = [t[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE
+             for t, ps in zip(tables, [[8], [9], range(5)]) for p in ps]
+    meta = build_metadata([1, 1, 5], [9, 10, 5], tables, slots, BLOCK_SIZE, "cpu")
+    ids = torch.tensor([prompts[0][-1], prompts[1][-1]] + prompts[2])
+    hidden = model(ids, torch.tensor([8, 9, 0, 1, 2, 3, 4]), caches, meta)
+    logits = model.compute_logits(hidden[[0, 1, 6]])
+    expected = torch.stack([hf_logits(hf_model, p)[-1] for p in prompts])
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_bf16_model_runs_close(checkpoint):
+    hf_model, folder, _ = checkpoint
+    model = build_model(folder, torch.bfloat16, "cpu")
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    caches = [(k.bfloat16(), v.bfloat16()) for k, v in new_caches(model)]
+    logits = run_chunk(model, caches, PROMPT, 0, [5, 2, 9, 0])
+    expected = hf_logits(hf_model, PROMPT)
+    assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() > 0.7
+    torch.testing.assert_close(logits, expected, atol=0.15, rtol=0.1)
+
+
+def test_is_supported_and_bad_checkpoint(tmp_path):
+    config = transformers.LlamaConfig(**TINY, architectures=["LlamaForCausalLM"])
+    assert is_supported(config)
+    assert not is_supported(transformers.GPT2Config(architectures=["GPT2LMHeadModel"]))
+    assert is_supported(transformers.Qwen3Config(**TINY))  # no architectures: model_type decides
+    dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
+    assert not is_supported(transformers.LlamaConfig(**TINY, rope_parameters=dynamic,
+                                                     architectures=["LlamaForCausalLM"]))
+    torch.manual_seed(0)
+    hf_model = transformers.LlamaForCausalLM(config)
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    model = build_model(str(tmp_path), torch.float32, "cpu")
+    from safetensors.torch import save_file
+    (tmp_path / "model.safetensors").unlink()
+    save_file({"model.layers.0.self_attn.q_proj.weight": torch.zeros(64, 64)},
+              str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="missing"):
+        load_weights(model, str(tmp_path))
+    save_file({"model.bogus.weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="bogus"):
+        load_weights(model, str(tmp_path))
