@@ -1,32 +1,67 @@
 """AsyncEngine: the only bridge between the event loop and the synchronous engine.
 
 The engine's step loop runs in one worker thread. Requests and aborts reach it through a locked
-inbox; its events come back to per-request asyncio queues with one call_soon_threadsafe per step
+inbox; its events come back to per-request channels with one call_soon_threadsafe per step
 (TGI's channel per request). A generation whose consumer goes away is aborted.
+
+A channel holds at most one pending TokenDelta per choice: when the consumer (a slow client's writer)
+is behind, new deltas merge into the pending one (vLLM's RequestOutputCollector), so the memory a
+stream holds is its unsent text, never a queue of event objects. After each step the worker thread
+publishes a copy of the engine's counters in `stats` (read by /metrics and the tests).
 """
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from protocol.errors import ProtocolError
-from protocol.types import Event, Failed, Finished, GenerateRequest
+from protocol.types import Event, Failed, Finished, GenerateRequest, TokenDelta
+from server.engine.stats import EngineStats
 
 log = logging.getLogger("berth.engine")
+
+STATS_PERIOD = 0.1      # seconds between stats copies while the engine is busy
 
 
 class EngineDeadError(Exception):
     pass
 
 
-@dataclass(slots=True)
 class _Channel:
-    queue: asyncio.Queue
-    num_choices: int
-    num_done: int = 0
+    """Events of one request, delivered on the loop; consecutive deltas of a choice are coalesced."""
+    __slots__ = ("events", "ready", "num_choices", "num_done")
+
+    def __init__(self, num_choices: int):
+        self.events: collections.deque[Event] = collections.deque()
+        self.ready = asyncio.Event()
+        self.num_choices = num_choices
+        self.num_done = 0
+
+    def put(self, event: Event) -> None:
+        last = self.events[-1] if self.events else None
+        if isinstance(event, TokenDelta) and isinstance(last, TokenDelta) and last.index == event.index:
+            self.events[-1] = merge_deltas(last, event)
+        else:
+            self.events.append(event)
+        self.ready.set()
+
+    async def get(self) -> Event:
+        while not self.events:
+            self.ready.clear()
+            await self.ready.wait()
+        return self.events.popleft()
+
+
+def merge_deltas(a: TokenDelta, b: TokenDelta) -> TokenDelta:
+    logprobs = None if a.logprobs is None and b.logprobs is None else (a.logprobs or ()) + (b.logprobs or ())
+    return TokenDelta(a.text + b.text, a.token_ids + b.token_ids, a.index, logprobs,
+                      a.num_prompt_tokens if a.num_prompt_tokens is not None else b.num_prompt_tokens)
 
 
 @dataclass(slots=True)
@@ -41,12 +76,15 @@ class AsyncEngine:
         self.max_pending = max_pending          # admitted and unfinished requests; more → 429
         self.model_name = ""
         self.dead: BaseException | None = None
+        self.stats = EngineStats()               # replaced (never mutated) by the worker after each step
+        self.died: asyncio.Event | None = None     # set on the loop once the engine has failed
         self._channels: dict[str, _Channel] = {}
         self._inbox = _Inbox()
         self._wake = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stats_at = 0.0
 
     @property
     def max_model_len(self) -> int:
@@ -54,6 +92,8 @@ class AsyncEngine:
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.died = asyncio.Event()
+        self._publish_stats()
         self._thread = threading.Thread(target=self._run, name="berth-engine", daemon=True)
         self._thread.start()
 
@@ -73,19 +113,19 @@ class AsyncEngine:
 
         Leaving the iteration early (client gone, task cancelled) aborts the request in the engine."""
         if self.dead is not None:
-            raise ProtocolError("the engine has failed; the server is restarting", status=503)
+            raise ProtocolError("the engine has failed; the server is restarting", status=503, retry_after=5)
         if len(self._channels) >= self.max_pending:
             raise ProtocolError("the server is overloaded; retry later", status=429, retry_after=1)
         rid = request.request_id
         if rid in self._channels:
             raise ProtocolError("duplicate request id", status=400)
-        channel = _Channel(asyncio.Queue(), request.params.n)
+        channel = _Channel(request.params.n)
         self._channels[rid] = channel
         self._post(add=request)
         finished = False
         try:
             while channel.num_done < channel.num_choices:
-                event = await channel.queue.get()
+                event = await channel.get()
                 if isinstance(event, (Finished, Failed)):
                     channel.num_done += 1
                 yield event
@@ -97,6 +137,11 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._post(abort=request_id)
+
+    def abort_all(self) -> None:
+        """Abort every pending request (drain deadline): each ends with finish_reason abort."""
+        for rid in list(self._channels):
+            self._post(abort=rid)
 
     def _post(self, add: GenerateRequest | None = None, abort: str | None = None) -> None:
         with self._wake:
@@ -119,12 +164,35 @@ class AsyncEngine:
                 events = self._apply(inbox)
                 if self.engine.has_unfinished():
                     events += self.engine.step()
+                self._publish_stats()
                 if events:
                     self._loop.call_soon_threadsafe(self._deliver, events)
         except BaseException as exc:  # noqa: BLE001 - a dead engine must fail every waiter
             log.exception("engine step failed; failing all requests")
             self.dead = exc
+            self._release_all()
             self._loop.call_soon_threadsafe(self._fail_all)
+
+    def _publish_stats(self) -> None:
+        """Copy the counters at most every STATS_PERIOD while busy, and always once idle."""
+        snapshot = getattr(self.engine, "snapshot", None)
+        now = time.monotonic()
+        if snapshot is None or (now - self._stats_at < STATS_PERIOD and self.engine.has_unfinished()):
+            return
+        self._stats_at = now
+        self.stats = dataclasses.replace(snapshot())
+
+    def _release_all(self) -> None:
+        """After a fatal step: best effort to free every request's blocks (the process exits next)."""
+        for rid in list(self._channels) + [r.request_id for r in self._inbox.adds]:
+            try:
+                self.engine.abort(rid)
+            except Exception:  # noqa: BLE001 - the engine is already broken; keep going
+                log.debug("abort of %s after engine failure failed", rid)
+        try:
+            self._publish_stats()
+        except Exception:  # noqa: BLE001
+            pass
 
     def _apply(self, inbox: _Inbox) -> list[tuple[str, Event]]:
         events: list[tuple[str, Event]] = []
@@ -147,10 +215,11 @@ class AsyncEngine:
         for rid, event in events:
             channel = self._channels.get(rid)
             if channel is not None:
-                channel.queue.put_nowait(event)
+                channel.put(event)
 
     def _fail_all(self) -> None:
         err = ProtocolError("the engine failed while generating", status=500)
         for channel in self._channels.values():
             for i in range(channel.num_choices):
-                channel.queue.put_nowait(Failed(err, i))
+                channel.put(Failed(err, i))
+        self.died.set()

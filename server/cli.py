@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
 import time
@@ -30,6 +31,18 @@ def serve_parser(sub) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-pending", type=int, default=256,
                    help="admitted, unfinished requests before new ones get 429")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="operator cap on generated tokens per request (longer requests end with 'length')")
+    p.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="seconds in-flight requests get after SIGTERM before they are aborted")
+    p.add_argument("--metrics-public", action="store_true", help="serve /metrics without the token")
+    p.add_argument("--log-prompts", action="store_true", help="access log lines include prompt text")
+    p.add_argument("--stall-timeout", type=float, default=60.0,
+                   help="seconds a stream may wait on a client that does not read before it is aborted")
+    p.add_argument("--body-timeout", type=float, default=60.0, help="seconds to receive a request body")
+    p.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds from connect to a complete request head")
+    p.add_argument("--max-connections", type=int, default=1024, help="open connections; more get 503")
     p.add_argument("--log-level", default="info")
 
 
@@ -46,7 +59,7 @@ def serve(args) -> int:
                           max_model_len=args.max_model_len, block_size=args.block_size,
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           kv_cache_gib=args.kv_cache_gib, enable_prefix_caching=not args.no_prefix_caching,
-                          max_pending=args.max_pending)
+                          max_pending=args.max_pending, max_new_tokens=args.max_new_tokens)
     try:
         engine = _load_engine(config, str(folder))
     except Exception as exc:  # noqa: BLE001 - one clear line, no traceback
@@ -79,19 +92,21 @@ def _announce(args, name: str, engine, seconds: float) -> None:
 
 
 def _run(args, engine, name: str) -> int:
-    from aiohttp import web
-
     from server.http.app import make_app
+    from server.http.keys import ServerOptions
+    from server.http.serve import serve as serve_app
 
     try:
         import uvloop
         uvloop.install()
     except ImportError:
         pass
-    app = make_app(engine, [name], token=args.token)
-    web.run_app(app, host=args.host, port=args.port, handler_cancellation=True,
-                keepalive_timeout=75, access_log=None, print=None, shutdown_timeout=10)
-    return 0 if engine.dead is None else 1
+    options = ServerOptions(metrics_public=args.metrics_public, log_prompts=args.log_prompts,
+                            body_timeout=args.body_timeout, header_timeout=args.header_timeout,
+                            stall_timeout=args.stall_timeout, drain_timeout=args.drain_timeout,
+                            max_connections=args.max_connections)
+    app = make_app(engine, [name], token=args.token, options=options)
+    return asyncio.run(serve_app(app, args.host, args.port))
 
 
 def main(argv: list[str] | None = None) -> int:

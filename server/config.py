@@ -20,6 +20,7 @@ class EngineConfig:
     kv_cache_gib: float = 2.0
     enable_prefix_caching: bool = True
     max_pending: int = 256
+    max_new_tokens: int | None = None     # operator cap: longer requests are cut (finish_reason length)
 
 
 def pick_device(name: str):

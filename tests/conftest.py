@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import server  # noqa: F401  (sets OMP_WAIT_POLICY before torch loads)
+
 import pytest
 import torch
 
@@ -104,6 +106,6 @@ class LiveServer:
 
 @pytest.fixture(scope="session")
 def live_server():
-    server = LiveServer("--token", "test-token").wait_ready()
+    server = LiveServer("--token", "test-token", "--max-new-tokens", "48").wait_ready()
     yield server
     server.stop()

@@ -28,6 +28,7 @@ class Engine:
         self.runner = runner
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
+        self.max_new_tokens = config.max_new_tokens
         self.block_manager = BlockManager(runner.num_blocks, runner.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    max_model_len)
@@ -51,7 +52,7 @@ class Engine:
 
     def add(self, request: GenerateRequest) -> None:
         prompt_ids = self.tokenizer.encode_request(request)
-        adm = admit(request, prompt_ids, self.max_model_len, self.tokenizer.vocab_size)
+        adm = admit(request, prompt_ids, self.max_model_len, self.tokenizer.vocab_size, self.max_new_tokens)
         max_tokens = self._fit_pool(request, len(prompt_ids), adm.max_tokens)
         params, now = request.params, time.monotonic()
         for index in range(params.n):

@@ -27,7 +27,7 @@ def build_engine(config: EngineConfig, folder: str):
         return Engine.from_folder(folder, config, device, dtype)
     from server.engine.hf_engine import HFEngine
 
-    return HFEngine(folder, dtype, config.max_model_len)
+    return HFEngine(folder, dtype, config.max_model_len, config.max_new_tokens)
 
 
 def _paged_supports(folder: str) -> bool:

@@ -30,7 +30,8 @@ class _Job:
 
 
 class HFEngine:
-    def __init__(self, folder: str, dtype: torch.dtype, max_model_len: int | None = None):
+    def __init__(self, folder: str, dtype: torch.dtype, max_model_len: int | None = None,
+                 max_new_tokens: int | None = None):
         import transformers
 
         self.tokenizer = Tokenizer(folder)
@@ -39,13 +40,14 @@ class HFEngine:
         limit = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(max_model_len or limit, limit)
         self.sampler = Sampler()
+        self.max_new_tokens = max_new_tokens
         self.waiting: collections.deque[_Job] = collections.deque()
         self.current: _Job | None = None
         self.stats = EngineStats()
 
     def add(self, request: GenerateRequest) -> None:
         prompt_ids = self.tokenizer.encode_request(request)
-        adm = admit(request, prompt_ids, self.max_model_len, self.tokenizer.vocab_size)
+        adm = admit(request, prompt_ids, self.max_model_len, self.tokenizer.vocab_size, self.max_new_tokens)
         outputs = [ChoiceOutput(self.tokenizer, request.params, i, prompt_ids, adm.max_tokens,
                                 self.tokenizer.eos_token_ids) for i in range(request.params.n)]
         self.waiting.append(_Job(request, prompt_ids, outputs))

@@ -49,7 +49,8 @@ class Admitted:
     max_tokens: int
 
 
-def admit(request: GenerateRequest, prompt_ids: list[int], max_model_len: int, vocab_size: int) -> Admitted:
+def admit(request: GenerateRequest, prompt_ids: list[int], max_model_len: int, vocab_size: int,
+          max_new_tokens: int | None = None) -> Admitted:
     """Check a tokenized request against the context; resolve max_tokens. Raises ProtocolError(400)."""
     n = len(prompt_ids)
     if n == 0:
@@ -58,9 +59,13 @@ def admit(request: GenerateRequest, prompt_ids: list[int], max_model_len: int, v
         raise ProtocolError(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
     if n >= max_model_len:
         raise ProtocolError(f"This model's maximum context length is {max_model_len} tokens, but the prompt "
-                            f"has {n} tokens: no room left to generate.", param="messages")
+                            f"has {n} tokens: no room left to generate.",
+                            param="messages" if request.messages is not None else "prompt")
     room = max_model_len - n
     wanted = request.params.max_tokens
+    if max_new_tokens is not None:
+        room = min(room, max_new_tokens)
+        wanted = None if wanted is None else min(wanted, max_new_tokens)
     if wanted is None or (wanted > room and request.cap_max_tokens):
         return Admitted(prompt_ids, room if wanted is None else min(wanted, room))
     if wanted > room:

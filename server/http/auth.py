@@ -62,14 +62,16 @@ def ws_token(request: web.Request) -> str | None:
     return None
 
 
-def auth_middleware(checker: TokenChecker):
+def auth_middleware(checker: TokenChecker, metrics_public: bool = False):
+    public = PUBLIC_ROUTES | {"metrics"} if metrics_public else PUBLIC_ROUTES
+
     @web.middleware
     async def middleware(request: web.Request, handler):
         route = request.match_info.route
         name = getattr(route, "name", None)
         is_page = name == "root" and request.method in ("GET", "HEAD") and \
             request.headers.get(hdrs.UPGRADE, "").lower() != "websocket"
-        if name not in PUBLIC_ROUTES or (name == "root" and not is_page):
+        if name not in public or (name == "root" and not is_page):
             checker.check(request)
         return await handler(request)
     return middleware

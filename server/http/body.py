@@ -1,5 +1,7 @@
-"""Reading request bodies within limits: size (413), JSON only on /v1 (415), strict JSON (400)."""
+"""Reading request bodies within limits: size (413), time (408), JSON only on /v1 (415), strict JSON (400)."""
 from __future__ import annotations
+
+import asyncio
 
 import orjson
 from aiohttp import web
@@ -11,10 +13,15 @@ MEDIA_TYPE_MESSAGE = "Unsupported Media Type: Only 'application/json' is allowed
 
 
 async def read_bytes(request: web.Request) -> bytes:
+    state = request.app[keys.STATE]
     try:
-        return await request.read()
+        async with asyncio.timeout(state.options.body_timeout):
+            return await request.read()
+    except TimeoutError:
+        raise ProtocolError(f"the request body did not arrive within {state.options.body_timeout:g} s",
+                            status=408) from None
     except web.HTTPRequestEntityTooLarge:
-        raise ProtocolError(f"request body is larger than {request.app[keys.STATE].max_body} bytes",
+        raise ProtocolError(f"request body is larger than {state.max_body} bytes",
                             status=413) from None
 
 

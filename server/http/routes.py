@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
 
 import orjson
@@ -12,7 +11,7 @@ from protocol import eas, openai
 from protocol.errors import ProtocolError
 from server.http import keys
 from server.http.body import read_bytes, read_openai_json
-from server.http.streaming import collect, write_stream
+from server.http.streaming import collect, trace_of, write_stream
 from server.http.ws import websocket_session
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -23,8 +22,10 @@ def json_response(body: dict, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(body), status=status, content_type="application/json")
 
 
-def _new_id(prefix: str) -> str:
-    return uuid.uuid4().hex   # renderers add their own "chatcmpl-" / "cmpl-" prefixes
+def _submit(request: web.Request, parsed_request, prompt: object):
+    """Hand the request to the engine (the trace notes the time and, for --log-prompts, the prompt)."""
+    trace_of(request).submit(prompt)
+    return request.app[keys.STATE].engine.generate(parsed_request)
 
 
 async def models(request: web.Request) -> web.Response:
@@ -35,38 +36,39 @@ async def models(request: web.Request) -> web.Response:
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     state = request.app[keys.STATE]
-    parsed = openai.parse_chat_request(await read_openai_json(request), _new_id("chatcmpl"))
+    parsed = openai.parse_chat_request(await read_openai_json(request), trace_of(request).request_id)
     model = openai.check_model(parsed.model, state.served_names)
     rid, n, created = parsed.request.request_id, parsed.request.params.n, int(time.time())
-    events = state.engine.generate(parsed.request)
+    events = _submit(request, parsed.request, parsed.request.messages)
     if parsed.stream:
         renderer = openai.ChatStreamRenderer(rid, model, created, n, parsed.include_usage)
         return await write_stream(request, events, renderer, SSE)
-    return json_response(await collect(events, openai.ChatCollector(rid, model, created, n)))
+    return json_response(await collect(events, openai.ChatCollector(rid, model, created, n), trace_of(request)))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     state = request.app[keys.STATE]
-    parsed = openai.parse_completion_request(await read_openai_json(request), _new_id("cmpl"))
+    parsed = openai.parse_completion_request(await read_openai_json(request), trace_of(request).request_id)
     model = openai.check_model(parsed.model, state.served_names)
     rid, n, created = parsed.request.request_id, parsed.request.params.n, int(time.time())
-    events = state.engine.generate(parsed.request)
+    events = _submit(request, parsed.request, parsed.request.prompt or parsed.request.prompt_token_ids)
     if parsed.stream:
         renderer = openai.CompletionStreamRenderer(rid, model, created, n, parsed.include_usage,
                                                    parsed.flavour)
         return await write_stream(request, events, renderer, SSE)
-    return json_response(await collect(events, openai.CompletionCollector(rid, model, created, n)))
+    return json_response(await collect(events, openai.CompletionCollector(rid, model, created, n),
+                                       trace_of(request)))
 
 
 async def eas_http(request: web.Request) -> web.StreamResponse:
-    state = request.app[keys.STATE]
     raw = await read_bytes(request)
-    parsed = eas.parse_eas_request(raw, request.headers.get(hdrs.CONTENT_TYPE), _new_id("eas"))
-    events = state.engine.generate(parsed.request)
+    parsed = eas.parse_eas_request(raw, request.headers.get(hdrs.CONTENT_TYPE), trace_of(request).request_id)
+    events = _submit(request, parsed.request, parsed.prompt)
     if parsed.stream:
         renderer = eas.EasStreamRenderer(parsed.prompt, parsed.history)
         return await write_stream(request, events, renderer, "application/octet-stream")
-    return json_response(await collect(events, eas.EasCollector(parsed.prompt, parsed.history)))
+    return json_response(await collect(events, eas.EasCollector(parsed.prompt, parsed.history),
+                                       trace_of(request)))
 
 
 async def root_get(request: web.Request) -> web.StreamResponse:
@@ -86,9 +88,17 @@ async def health(request: web.Request) -> web.Response:
     return json_response({"status": "ok"})
 
 
+async def metrics(request: web.Request) -> web.Response:
+    body, content_type = request.app[keys.STATE].metrics.render()
+    resp = web.Response(body=body)
+    resp.headers[hdrs.CONTENT_TYPE] = content_type
+    return resp
+
+
 def add_routes(app: web.Application) -> None:
     r = app.router
     r.add_get("/health", health, name="health")
+    r.add_get("/metrics", metrics, name="metrics")
     r.add_get("/v1/models", models, name="models")
     r.add_post("/v1/chat/completions", chat_completions, name="chat")
     r.add_post("/v1/completions", completions, name="completions")

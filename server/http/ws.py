@@ -1,8 +1,12 @@
 """WebSocket sessions (PROTOCOLS.md): multi-round dialogues with server-side history, `<EOS>` per answer.
 
-One receive loop per socket (it keeps heartbeats alive and sees a Cancel at once) feeds a bounded queue;
-one worker answers the queued messages strictly in order. Closing the socket cancels the worker, which
-aborts the round in progress (AsyncEngine.generate's finally).
+One receive loop per socket (it keeps heartbeats alive and sees a Cancel at once) feeds a queue; one
+worker answers the queued messages strictly in order and is the only task that sends, so an error frame
+never lands inside another round's answer. Closing the socket cancels the worker, which aborts the round
+in progress (AsyncEngine.generate's finally). Every message gets exactly one terminal `<EOS>`: messages
+over the per-connection cap get an error frame + `<EOS>` in their turn; a flood beyond twice the cap
+closes the connection (1008). On drain the current round finishes, queued ones are refused, then 1001.
+A send that makes no progress for stall_timeout aborts the round and closes with 1011.
 """
 from __future__ import annotations
 
@@ -10,84 +14,156 @@ import asyncio
 import contextlib
 import uuid
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 
 from protocol.errors import ProtocolError
 from protocol.types import Failed, TokenDelta
 from protocol.ws import EOS, Cancel, SessionState, WsGenerate, parse_ws_message, render_error, render_text
 from server.http import keys
+from server.http.streaming import StalledReader
+from server.http.trace import Outcome, RequestTrace
 
 MAX_QUEUED_MESSAGES = 8
 MAX_MESSAGE_BYTES = 1 << 20
+_GONE = (ConnectionResetError, ConnectionError)
+_DRAIN = object()
 
 
 class _Session:
-    def __init__(self, ws: web.WebSocketResponse, engine):
+    def __init__(self, ws: web.WebSocketResponse, state: keys.ServerState):
         self.ws = ws
-        self.engine = engine
+        self.server = state
+        self.engine = state.engine
         self.state = SessionState()
-        self.queue: asyncio.Queue = asyncio.Queue(maxsize=MAX_QUEUED_MESSAGES)
+        self.queue: asyncio.Queue = asyncio.Queue()       # (data, accepted) items, or _DRAIN
+        self.num_accepted = 0
         self.current_rid: str | None = None
+        self.draining = False
+        self.worker_closing = False                         # the worker is sending the close frame
+
+    async def send(self, text: str) -> None:
+        try:
+            async with asyncio.timeout(self.server.options.stall_timeout):
+                await self.ws.send_str(text)
+        except TimeoutError:
+            raise StalledReader from None
 
     async def send_error(self, err: ProtocolError) -> None:
-        await self.ws.send_str(render_error(err))
-        await self.ws.send_str(EOS)
+        await self.send(render_error(err))
+        await self.send(EOS)
 
     async def run_rounds(self) -> None:
+        try:
+            await self._rounds()
+            self.worker_closing = True
+            await self.close(WSCloseCode.GOING_AWAY, b"server shutting down")
+        except StalledReader:
+            self.worker_closing = True
+            await self.close(WSCloseCode.INTERNAL_ERROR, b"client too slow")
+        except _GONE:
+            pass
+
+    async def _rounds(self) -> None:
         while True:
-            data = await self.queue.get()
-            rid = f"ws-{uuid.uuid4().hex}"
-            try:
-                action = parse_ws_message(data, self.state, rid)
-            except ProtocolError as err:
-                await self.send_error(err)
-                continue
-            if isinstance(action, WsGenerate):
-                await self.answer(action)
-            else:                       # SetSystemPrompt (a Cancel with nothing running lands here too)
-                await self.ws.send_str(EOS)
+            item = await self.queue.get()
+            if item is _DRAIN:
+                return
+            data, accepted = item
+            self.num_accepted -= accepted
+            if self.draining:
+                await self.send_error(ProtocolError("the server is shutting down", status=503, retry_after=1))
+            elif not accepted:
+                await self.send_error(ProtocolError(
+                    f"too many queued messages (at most {MAX_QUEUED_MESSAGES})", status=429, retry_after=1))
+            else:
+                await self.round(data)
+            if self.draining and self.queue.empty():
+                return
+
+    async def round(self, data: str | bytes) -> None:
+        rid = f"ws-{uuid.uuid4().hex}"
+        try:
+            action = parse_ws_message(data, self.state, rid)
+        except ProtocolError as err:
+            self.new_trace(rid).finish(err.status)
+            await self.send_error(err)
+            return
+        if isinstance(action, WsGenerate):
+            await self.answer(action)
+        else:                       # SetSystemPrompt (a Cancel with nothing running lands here too)
+            await self.send(EOS)
+
+    def new_trace(self, rid: str) -> RequestTrace:
+        return RequestTrace("ws", "ws", request_id=rid, metrics=self.server.metrics,
+                            log_prompts=self.server.options.log_prompts)
 
     async def answer(self, action: WsGenerate) -> None:
+        trace = self.new_trace(action.request.request_id)
+        trace.submit(action.prompt)
         self.current_rid = action.request.request_id
         parts: list[str] = []
-        failed = False
+        status = 499
+        try:
+            status = await self._generate(action, trace, parts)
+        except StalledReader:
+            trace.outcome = Outcome.TIMEOUT
+            raise
+        finally:
+            self.current_rid = None
+            trace.finish(status)
+        answer = "".join(parts)
+        if status == 200:
+            if not action.stream:
+                for frame in render_text(answer):
+                    await self.send(frame)
+            self.state.commit(action.prompt, answer)
+        await self.send(EOS)
+
+    async def _generate(self, action: WsGenerate, trace: RequestTrace, parts: list[str]) -> int:
+        """Stream one round; the HTTP-like status of its outcome (200, or the error's)."""
         try:
             events = self.engine.generate(action.request)
             try:
                 async for event in events:
+                    trace.on_event(event)
                     if isinstance(event, TokenDelta):
                         parts.append(event.text)
                         if action.stream:
                             for frame in render_text(event.text):
-                                await self.ws.send_str(frame)
+                                await self.send(frame)
                     elif isinstance(event, Failed):
-                        failed = True
-                        await self.ws.send_str(render_error(event.error))
+                        await self.send(render_error(event.error))
+                        return event.error.status
             finally:
                 await events.aclose()
         except ProtocolError as err:      # refused before it started (overload, engine down)
-            failed = True
-            await self.ws.send_str(render_error(err))
-        finally:
-            self.current_rid = None
-        answer = "".join(parts)
-        if not action.stream and not failed:
-            for frame in render_text(answer):
-                await self.ws.send_str(frame)
-        if not failed:
-            self.state.commit(action.prompt, answer)
-        await self.ws.send_str(EOS)
+            await self.send(render_error(err))
+            return err.status
+        return 200
 
-    async def receive(self, data: str | bytes) -> None:
+    def receive(self, data: str | bytes) -> bool:
+        """Queue a client message; False when the client floods (the connection is closed)."""
         if _is_cancel(data):
             if self.current_rid is not None:
                 self.engine.abort(self.current_rid)   # the round ends with its partial answer + EOS
-            return
-        if self.queue.full():
-            await self.send_error(ProtocolError(
-                f"too many queued messages (at most {MAX_QUEUED_MESSAGES})", status=429, retry_after=1))
-            return
-        self.queue.put_nowait(data)
+            return True
+        if self.queue.qsize() >= 2 * MAX_QUEUED_MESSAGES:
+            return False
+        accepted = self.num_accepted < MAX_QUEUED_MESSAGES
+        self.num_accepted += accepted
+        self.queue.put_nowait((data, accepted))
+        return True
+
+    def drain(self) -> None:
+        """Finish the current round, refuse the queued ones, close with 1001."""
+        self.draining = True
+        if self.current_rid is None and self.queue.empty():
+            self.queue.put_nowait(_DRAIN)
+
+    async def close(self, code: int, message: bytes) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(2.0):
+                await self.ws.close(code=code, message=message)
 
 
 def _is_cancel(data: str | bytes) -> bool:
@@ -101,18 +177,23 @@ async def websocket_session(request: web.Request) -> web.WebSocketResponse:
     state = request.app[keys.STATE]
     ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=MAX_MESSAGE_BYTES, protocols=("berth",))
     await ws.prepare(request)
-    session = _Session(ws, state.engine)
+    session = _Session(ws, state)
+    state.sessions.add(session)
     worker = asyncio.create_task(session.run_rounds())
     try:
         async for msg in ws:
             if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                await session.receive(msg.data)
+                if not session.receive(msg.data):
+                    await session.close(WSCloseCode.POLICY_VIOLATION, b"too many queued messages")
+                    break
             elif msg.type == WSMsgType.ERROR:
                 break
-    except (ConnectionResetError, ConnectionError):
+    except _GONE:
         pass
     finally:
-        worker.cancel()
+        state.sessions.discard(session)
+        if not session.worker_closing:
+            worker.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await worker
     return ws

@@ -71,7 +71,7 @@ def hf_greedy(model, ids: list[int], num_tokens: int) -> tuple[list[int], list[t
     tokens, scores, past = [], [], None
     inputs = torch.tensor([ids])
     for _ in range(num_tokens):
-        out = model(input_ids=inputs, past_key_values=past, use_cache=True)
+        out = model(input_ids=inputs, cache=past, use_cache=True)
         past = out.past_key_values
         logits = out.logits[0, -1].float()
         tokens.append(int(logits.argmax()))
