@@ -77,6 +77,9 @@ def fetch_default_gguf(log=print) -> Path:
 def _converted(gguf: Path, folder: Path, log) -> Path:
     if (folder / ".complete").is_file():
         return folder
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise ModelError(f"{gguf.name} is not a GGUF file (bad magic bytes)")
     log(f"converting {gguf.name} to safetensors in {folder} (once) ...")
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -98,15 +101,14 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     import transformers
     from tqdm import tqdm
 
-    steps = tqdm(total=3, desc="convert", unit="step")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    steps.update()
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    steps.update()
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(str(out), safe_serialization=True)
-    tokenizer.save_pretrained(str(out))
-    steps.update()
-    steps.close()
+    with tqdm(total=3, desc="convert", unit="step") as steps:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        steps.update()
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        steps.update()
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(str(out), safe_serialization=True)
+        tokenizer.save_pretrained(str(out))
+        steps.update()
