@@ -118,12 +118,21 @@ def _llama_build(port: int):
     return build
 
 
+def _fast_dtype() -> str:
+    """The dtype berth's --dtype auto would pick here, so both servers run the same precision."""
+    import torch
+
+    from server.config import pick_dtype
+
+    return str(pick_dtype("auto", torch.device("cpu"))).removeprefix("torch.")
+
+
 def _transformers_build(port: int):
     def build():
         if not (HF_MODEL_DIR / "config.json").is_file():
             raise RuntimeError(f"no converted model at {HF_MODEL_DIR} (run berth once to convert it)")
         argv = [str(ensure_transformers_venv()), "-m", "transformers.cli.transformers", "serve",
-                str(HF_MODEL_DIR), "--continuous-batching", "--device", "cpu", "--dtype", "bfloat16",
+                str(HF_MODEL_DIR), "--continuous-batching", "--device", "cpu", "--dtype", _fast_dtype(),
                 "--host", "127.0.0.1", "--port", str(port)]
         return argv, {}
     return build

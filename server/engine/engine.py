@@ -35,6 +35,7 @@ class Engine:
         self.sampler = Sampler()
         self.outputs: dict[int, ChoiceOutput] = {}           # seq_id -> output bookkeeping
         self.generators: dict[int, torch.Generator] = {}
+        self.forks: dict[int, list[Sequence]] = {}          # n > 1: choices held until choice 0's prompt is cached
         self._seq_ids = itertools.count()
 
     @classmethod
@@ -55,6 +56,7 @@ class Engine:
         adm = admit(request, prompt_ids, self.max_model_len, self.tokenizer.vocab_size, self.max_new_tokens)
         max_tokens = self._fit_pool(request, len(prompt_ids), adm.max_tokens)
         params, now = request.params, time.monotonic()
+        seqs = []
         for index in range(params.n):
             seq = Sequence(seq_id=next(self._seq_ids), request_id=request.request_id, index=index,
                            token_ids=list(prompt_ids), num_prompt_tokens=len(prompt_ids), params=params,
@@ -64,7 +66,10 @@ class Engine:
             if params.seed is not None:
                 self.generators[seq.seq_id] = torch.Generator(self.runner.device).manual_seed(
                     (params.seed + index) % 2**63)
-            self.scheduler.add(seq)
+            seqs.append(seq)
+        self.scheduler.add(seqs[0])
+        if len(seqs) > 1:   # the other choices start once seqs[0]'s prompt blocks are in the prefix cache
+            self.forks[seqs[0].seq_id] = seqs[1:]
 
     def _fit_pool(self, request: GenerateRequest, num_prompt: int, max_tokens: int) -> int:
         """A request that can never fit the KV pool is refused now, never queued forever."""
@@ -80,7 +85,9 @@ class Engine:
 
     def abort(self, request_id: str) -> list[Event]:
         events = []
-        for seq in self.scheduler.abort(request_id):
+        held = [c for cs in self.forks.values() for c in cs if c.request_id == request_id]
+        self.forks = {p: cs for p, cs in self.forks.items() if cs[0].request_id != request_id}
+        for seq in self.scheduler.abort(request_id) + held:
             out = self.outputs.pop(seq.seq_id, None)
             self.generators.pop(seq.seq_id, None)
             if out is not None:
@@ -88,7 +95,7 @@ class Engine:
         return events
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.scheduler.has_unfinished() or bool(self.forks)
 
     @torch.inference_mode()
     def step(self) -> list[tuple[str, Event]]:
@@ -101,6 +108,8 @@ class Engine:
         self.scheduler.update(out, {seq.seq_id: tok for seq, tok in zip(seqs, sampled[0])})
         events: list[tuple[str, Event]] = []
         for i, seq in enumerate(seqs):
+            for child in self.forks.pop(seq.seq_id, ()):
+                self.scheduler.add(child)
             events += self._emit(seq, sampled[0][i], sampled[1], i)
         return events
 

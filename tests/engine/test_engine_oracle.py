@@ -147,3 +147,22 @@ def test_n_choices_and_seeds(paged):
     req2 = GenerateRequest("n", SamplingParams(temperature=1.0, max_tokens=8, n=3, seed=7),
                            prompt="Once upon a time")
     assert run_all(paged, [req2]) == a
+
+
+def test_n_choices_share_the_prompt_blocks(paged):
+    long_prompt = "Tell me a story about a lighthouse keeper. " * 6
+    paged.add(GenerateRequest("share", SamplingParams(temperature=0, max_tokens=6, n=3, ignore_eos=True),
+                              prompt=long_prompt))
+    finished, tokens = {}, {0: [], 1: [], 2: []}
+    while paged.has_unfinished():
+        for _, ev in paged.step():
+            if isinstance(ev, TokenDelta):
+                tokens[ev.index] += ev.token_ids
+            elif isinstance(ev, Finished):
+                finished[ev.index] = ev
+        paged.scheduler.check_integrity()
+    assert tokens[0] == tokens[1] == tokens[2]                 # greedy: identical choices
+    prompt_len = finished[0].usage.prompt_tokens
+    full = (prompt_len - 1) // paged.block_manager.block_size * paged.block_manager.block_size
+    assert finished[1].usage.cached_tokens == finished[2].usage.cached_tokens == full > 0
+    assert paged.block_manager.num_used_blocks == 0
