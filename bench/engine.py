@@ -95,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--engines", default="paged,hf")
     ap.add_argument("--model", default="default")
+    ap.add_argument("--quantization", default="none", choices=("none", "int8"))
     ap.add_argument("--json", default="bench/results/engine.json")
     ap.add_argument("--profile", action="store_true", help="print a one-step phase profile per point")
     args = ap.parse_args(argv)
@@ -102,14 +103,15 @@ def main(argv: list[str] | None = None) -> int:
     dtype = pick_dtype(args.dtype, torch.device("cpu"))
     levels = [int(c) for c in args.concurrency.split(",")]
     engines = args.engines.split(",")
-    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "dtype": str(dtype), "threads": torch.get_num_threads(),
+    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "dtype": str(dtype), "quantization": args.quantization, "threads": torch.get_num_threads(),
                "input_len": args.input_len, "output_len": args.output_len, "runs": args.runs, "points": []}
     paged = hf = None
     if "paged" in engines:
         from server.engine.engine import Engine
 
         paged = Engine.from_folder(folder, EngineConfig(max_num_seqs=max(levels), kv_cache_gib=1.0,
-                                                        max_num_batched_tokens=2048), torch.device("cpu"), dtype)
+                                                        max_num_batched_tokens=2048,
+                                                        quantization=args.quantization), torch.device("cpu"), dtype)
     if "hf" in engines:
         import transformers
 

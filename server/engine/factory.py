@@ -27,6 +27,9 @@ def build_engine(config: EngineConfig, folder: str):
         return Engine.from_folder(folder, config, device, dtype)
     from server.engine.hf_engine import HFEngine
 
+    if config.quantization != "none":
+        log.warning("--quantization %s applies to the paged engine only; ignored", config.quantization)
+
     return HFEngine(folder, dtype, config.max_model_len, config.max_new_tokens)
 
 

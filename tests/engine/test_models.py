@@ -134,3 +134,30 @@ def test_is_supported_and_bad_checkpoint(tmp_path):
     save_file({"model.bogus.weight": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="bogus"):
         load_weights(model, str(tmp_path))
+
+
+def test_int8_weights_keep_logits_close(tmp_path):
+    """Weight-only int8 (opt-in --quantization int8) stays close to the float model."""
+    import transformers
+
+    from server.engine.models.llama import Linear
+    from server.engine.models.weights import build_model
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    ours = build_model(str(tmp_path), torch.float32, "cpu")
+    ids = torch.randint(0, 128, (12,))
+    from kernels.metadata import build_metadata
+
+    def logits(model):
+        caches = [(torch.zeros(4, 16, 2, 16), torch.zeros(4, 16, 2, 16)) for _ in range(2)]
+        meta = build_metadata([12], [12], [[0]], list(range(12)), 16, "cpu")
+        return model.compute_logits(model(ids, torch.arange(12), caches, meta))
+    before = logits(ours)
+    ours.quantize_int8()
+    assert all(m.int8 is not None for m in ours.modules() if isinstance(m, Linear))
+    after = logits(ours)
+    assert (torch.nn.functional.cosine_similarity(before, after, dim=1) > 0.99).all()
+    assert (before.argmax(-1) == after.argmax(-1)).float().mean() >= 0.9

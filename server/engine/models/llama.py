@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
+from kernels.quant import Int8Weight, int8_linear, quantize_int8
 from kernels.metadata import AttentionMetadata
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
@@ -56,9 +57,17 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(torch.empty(sum(shard_sizes), in_features), requires_grad=False)
         self.bias = (nn.Parameter(torch.empty(sum(shard_sizes)), requires_grad=False)
                      if bias else None)
+        self.int8: Int8Weight | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.int8 is not None:
+            return int8_linear(x, self.int8, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def quantize_int8(self) -> None:
+        """Replace the weight by its int8 form (frees the float weight)."""
+        self.int8 = quantize_int8(self.weight)
+        self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
 
 
 class RMSNorm(nn.Module):
@@ -233,8 +242,18 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.model.norm.add_forward(x, residual)
         return x
 
+    def quantize_int8(self) -> None:
+        """Weight-only int8 for every linear layer and the output layer (the embedding table used
+        for lookups stays in float)."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.quantize_int8()
+        self._lm_head_int8 = quantize_int8(self.lm_head.weight)
+
     @torch.inference_mode()
     def compute_logits(self, hidden: Tensor) -> Tensor:
+        if getattr(self, "_lm_head_int8", None) is not None:
+            return int8_linear(hidden, self._lm_head_int8).float()  # (B, vocab)
         if hidden.shape[0] <= 4 and hidden.device.type == "cpu":
             return torch.mm(hidden, self._lm_head_t()).float()  # (B, vocab)
         return F.linear(hidden, self.lm_head.weight).float()  # (B, vocab)
