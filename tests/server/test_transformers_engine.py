@@ -1,0 +1,36 @@
+"""The `--engine transformers` path (EAS standard deployment) behind the same routes and contract."""
+from __future__ import annotations
+
+import orjson
+
+from protocol.sse import SseDecoder
+from tests.conftest import CANADA, wait_idle
+
+
+async def test_transformers_engine_chat_stream_and_abort(make_client, hf_engine):
+    client = await make_client(hf_engine)
+    body = await (await client.post("/v1/chat/completions", json={
+        "messages": CANADA, "temperature": 0, "max_tokens": 16})).json()
+    assert "Ottawa" in body["choices"][0]["message"]["content"]
+    assert body["usage"]["prompt_tokens"] > 0
+    resp = await client.post("/v1/completions", json={"prompt": "Once upon a time", "stream": True,
+                                                      "max_tokens": 500, "ignore_eos": True})
+    decoder, seen = SseDecoder(), 0
+    async for chunk in resp.content.iter_any():
+        seen += len(decoder.feed(chunk))
+        if seen >= 2:
+            break
+    resp.close()
+    await wait_idle(hf_engine, timeout=5)
+
+
+async def test_transformers_engine_websocket_round(make_client, hf_engine):
+    client = await make_client(hf_engine)
+    ws = await client.ws_connect("/ws")
+    await ws.send_str(orjson.dumps({"prompt": "What is the capital of Canada?", "temperature": 0,
+                                    "max_new_tokens": 16}).decode())
+    parts = []
+    while (msg := await ws.receive_str()) != "<EOS>":
+        parts.append(msg)
+    await ws.close()
+    assert "Ottawa" in "".join(parts)
