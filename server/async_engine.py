@@ -82,6 +82,7 @@ class AsyncEngine:
         self._inbox = _Inbox()
         self._wake = threading.Condition()
         self._stop = False
+        self._live: dict[str, int] = {}       # worker thread only: request id -> choices not yet ended
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stats_at = 0.0
@@ -158,12 +159,14 @@ class AsyncEngine:
                     while not self._stop and not self._inbox.adds and not self._inbox.aborts \
                             and not self.engine.has_unfinished():
                         self._wake.wait()
-                    if self._stop:
-                        return
                     inbox, self._inbox = self._inbox, _Inbox()
+                if self._stop:
+                    self._abort_live(inbox)
+                    return
                 events = self._apply(inbox)
                 if self.engine.has_unfinished():
                     events += self.engine.step()
+                self._count_ended(events)
                 self._publish_stats()
                 if events:
                     self._loop.call_soon_threadsafe(self._deliver, events)
@@ -172,6 +175,20 @@ class AsyncEngine:
             self.dead = exc
             self._release_all()
             self._loop.call_soon_threadsafe(self._fail_all)
+
+    def _count_ended(self, events: list[tuple[str, Event]]) -> None:
+        for rid, event in events:
+            if isinstance(event, (Finished, Failed)) and rid in self._live:
+                self._live[rid] -= 1
+                if self._live[rid] <= 0:
+                    del self._live[rid]
+
+    def _abort_live(self, inbox: _Inbox) -> None:
+        """On stop: nothing this AsyncEngine admitted may stay in the (possibly shared) sync engine."""
+        for rid in list(inbox.aborts) + list(self._live):
+            self.engine.abort(rid)
+        self._live.clear()
+        self._publish_stats()
 
     def _publish_stats(self) -> None:
         """Copy the counters at most every STATS_PERIOD while busy, and always once idle."""
@@ -203,6 +220,7 @@ class AsyncEngine:
                 continue
             try:
                 self.engine.add(request)
+                self._live[request.request_id] = request.params.n
             except ProtocolError as err:
                 events += [(request.request_id, Failed(err, i)) for i in range(request.params.n)]
             except Exception:  # noqa: BLE001 - e.g. a tokenizer fault: that request alone fails

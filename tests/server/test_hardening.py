@@ -24,16 +24,19 @@ LONG = {"messages": [{"role": "user", "content": "Write a very long story."}], "
 
 
 @pytest.fixture
-def build(aiohttp_client, served_engine):
-    """build(token=None, max_pending=128, **options) -> (client, AsyncEngine); INV is checked afterwards."""
-    made: list[AsyncEngine] = []
+async def build(aiohttp_client, served_engine):
+    """build(token=None, max_pending=128, **options) -> (client, AsyncEngine); INV is checked afterwards,
+    once the apps are closed (a closing app aborts whatever its handlers still had in flight)."""
+    clients = []
 
     async def make(token: str | None = None, max_pending: int = 128, **options):
         engine = AsyncEngine(served_engine, max_pending=max_pending)
-        made.append(engine)
         app = make_app(engine, [NAME], token=token, options=ServerOptions(**options))
-        return await aiohttp_client(app), engine
+        clients.append(await aiohttp_client(app))
+        return clients[-1], engine
     yield make
+    for client in clients:
+        await client.close()
     assert not served_engine.has_unfinished()
     assert served_engine.block_manager.num_used_blocks == 0
 
