@@ -51,6 +51,18 @@ async def wait_idle(engine, timeout: float = 10.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def read_sse_then_close(resp, num_events: int) -> None:
+    """Read num_events SSE events of a streaming response, then hang up (a client going away)."""
+    from protocol.sse import SseDecoder
+
+    decoder, seen = SseDecoder(), 0
+    async for chunk in resp.content.iter_any():
+        seen += len(decoder.feed(chunk))
+        if seen >= num_events:
+            break
+    resp.close()
+
+
 @pytest.fixture
 def make_client(aiohttp_client):
     """make_client(sync_engine, token=None) -> aiohttp test client over a fresh app and AsyncEngine."""

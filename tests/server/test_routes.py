@@ -6,7 +6,7 @@ import pytest
 
 from protocol.nul import NulDecoder
 from protocol.sse import SseDecoder
-from tests.conftest import CANADA, wait_idle
+from tests.conftest import CANADA, read_sse_then_close, wait_idle
 
 GREEDY = {"temperature": 0, "max_tokens": 24}
 
@@ -236,12 +236,7 @@ async def test_sse_disconnect_aborts_generation(make_client, served_engine):
     resp = await client.post("/v1/chat/completions", json={
         "messages": [{"role": "user", "content": "Write a very long story."}], "stream": True,
         "max_tokens": 2000, "ignore_eos": True})
-    decoder, seen = SseDecoder(), 0
-    async for chunk in resp.content.iter_any():
-        seen += len(decoder.feed(chunk))
-        if seen >= 3:
-            break
-    resp.close()
+    await read_sse_then_close(resp, 3)
     await wait_idle(served_engine, timeout=5)
 
 

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import orjson
 
-from protocol.sse import SseDecoder
-from tests.conftest import CANADA, wait_idle
+from tests.conftest import CANADA, read_sse_then_close, wait_idle
 
 
 async def test_transformers_engine_chat_stream_and_abort(make_client, hf_engine):
@@ -15,12 +14,7 @@ async def test_transformers_engine_chat_stream_and_abort(make_client, hf_engine)
     assert body["usage"]["prompt_tokens"] > 0
     resp = await client.post("/v1/completions", json={"prompt": "Once upon a time", "stream": True,
                                                       "max_tokens": 500, "ignore_eos": True})
-    decoder, seen = SseDecoder(), 0
-    async for chunk in resp.content.iter_any():
-        seen += len(decoder.feed(chunk))
-        if seen >= 2:
-            break
-    resp.close()
+    await read_sse_then_close(resp, 2)
     await wait_idle(hf_engine, timeout=5)
 
 
