@@ -32,6 +32,20 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
+def _mib(metrics: dict[str, float]) -> float:
+    return round(metrics.get("process_resident_memory_bytes", 0) / 2**20, 1)
+
+
+def rss_drift(series: list[tuple[float, float]], warmup_s: float) -> dict[str, float | None]:
+    """RSS at the first sample after warm-up and at the last; drift in % of the warm figure per hour."""
+    warm = [(t, v) for t, v in series if t >= warmup_s]
+    if len(warm) < 2 or warm[-1][0] == warm[0][0]:
+        return {"rss_mib_warm": None, "rss_mib_last": None, "rss_drift_pct_per_hour": None}
+    (t1, v1), (t2, v2) = warm[0], warm[-1]
+    return {"rss_mib_warm": v1, "rss_mib_last": v2,
+            "rss_drift_pct_per_hour": round((v2 - v1) / v1 * 100 * 3600 / (t2 - t1), 2)}
+
+
 class Soak:
     def __init__(self, args):
         self.args = args
@@ -40,6 +54,7 @@ class Soak:
         self.latencies: list[float] = []
         self.num_started = 0
         self.rng = random.Random(args.seed)
+        self.rss: list[tuple[float, float]] = []      # (seconds since start, MiB) under load
 
     async def metrics(self, session) -> dict[str, float]:
         async with session.get(self.args.url + "/metrics", headers=self.headers) as resp:
@@ -121,19 +136,29 @@ class Soak:
             await asyncio.sleep(0.1)
         return m
 
+    async def sample_rss(self, session, t0: float) -> None:
+        """RSS every --sample-every seconds while the load runs: the drift after warm-up is the figure."""
+        while True:
+            await asyncio.sleep(self.args.sample_every)
+            m = await self.metrics(session)
+            self.rss.append((round(time.monotonic() - t0, 1), _mib(m)))
+
     async def run(self) -> dict:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
             start = await self.metrics(session)
-            deadline = time.monotonic() + self.args.minutes * 60
+            t0 = time.monotonic()
+            deadline = t0 + self.args.minutes * 60
+            sampler = asyncio.ensure_future(self.sample_rss(session, t0))
             await asyncio.gather(*(self.worker(session, deadline) for _ in range(self.args.streams)))
+            sampler.cancel()
             end = await self.quiesce(session)
         lat = sorted(self.latencies)
         pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None)
         return {"requests": sum(self.outcomes.values()), "outcomes": dict(sorted(self.outcomes.items())),
                 "lost": sum(v for k, v in self.outcomes.items() if k.endswith((":lost", ":timeout"))),
                 "leaked_blocks": end.get("berth_kv_blocks_used"),
-                "rss_mib_start": round(start.get("process_resident_memory_bytes", 0) / 2**20, 1),
-                "rss_mib_end": round(end.get("process_resident_memory_bytes", 0) / 2**20, 1),
+                "rss_mib_start": _mib(start), "rss_mib_end": _mib(end), **rss_drift(self.rss, self.args.warmup * 60),
+                "rss_mib_series": self.rss,
                 "open_fds_start": start.get("process_open_fds"), "open_fds_end": end.get("process_open_fds"),
                 "e2e_p50_s": pct(0.5), "e2e_p99_s": pct(0.99)}
 
@@ -149,11 +174,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--disconnect", type=float, default=0.1, help="fraction of requests that hang up early")
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sample-every", type=float, default=15.0, help="seconds between RSS samples")
+    p.add_argument("--warmup", type=float, default=2.0, help="minutes before RSS drift is measured")
+    p.add_argument("--out", default=None, help="write the report as JSON here too")
     args = p.parse_args(argv)
     if not args.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
         p.error("the soak runs against a loopback server only")
     report = asyncio.run(Soak(args).run())
-    print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+    text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
     return 1 if report["lost"] or report["leaked_blocks"] else 0
 
 

@@ -136,6 +136,8 @@ class Finished:
     reason: FinishReason
     usage: Usage
     index: int = 0
+    # Seconds the choice waited in the engine's queue before its first step; None if it never ran.
+    queue_time: float | None = None
 
 
 @dataclass(frozen=True, slots=True)

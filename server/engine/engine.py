@@ -94,7 +94,7 @@ class Engine:
             out = self.outputs.pop(seq.seq_id, None)
             self.generators.pop(seq.seq_id, None)
             if out is not None:
-                events.append(out.finished(FinishReason.ABORT, seq.num_cached_tokens))
+                events.append(out.finished(FinishReason.ABORT, seq.num_cached_tokens, seq.queue_time))
         return events
 
     def has_unfinished(self) -> bool:
@@ -144,7 +144,8 @@ class Engine:
         events = [(seq.request_id, delta)]
         if out.reason is not None:
             self._drop(seq)
-            events.append((seq.request_id, out.finished(cached_tokens=seq.num_cached_tokens)))
+            events.append((seq.request_id, out.finished(cached_tokens=seq.num_cached_tokens,
+                                                        queue_time=seq.queue_time)))
         return events
 
     def _drop(self, seq: Sequence) -> None:

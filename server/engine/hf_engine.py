@@ -6,6 +6,7 @@ Each step runs one forward of the current sequence with HF's own KV cache (prefi
 from __future__ import annotations
 
 import collections
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +28,12 @@ class _Job:
     output_ids: list[int] = field(default_factory=list)
     past: object = None
     generator: torch.Generator | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    started: float | None = None
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.started is None else self.started - self.arrival
 
 
 class HFEngine:
@@ -59,7 +66,7 @@ class HFEngine:
         if self.current is not None and self.current.request.request_id == request_id:
             jobs.append(self.current)
             self.current = None
-        return [o.finished(FinishReason.ABORT) for j in jobs for o in j.outputs[j.choice:]]
+        return [o.finished(FinishReason.ABORT, queue_time=j.queue_time) for j in jobs for o in j.outputs[j.choice:]]
 
     def has_unfinished(self) -> bool:
         return self.current is not None or bool(self.waiting)
@@ -70,6 +77,7 @@ class HFEngine:
             if not self.waiting:
                 return []
             self.current = self.waiting.popleft()
+            self.current.started = time.monotonic()
             self._start_choice(self.current)
         job = self.current
         rid = job.request.request_id
@@ -82,7 +90,7 @@ class HFEngine:
             return [(rid, Failed(ProtocolError("generation failed", status=500), o.index))
                     for o in job.outputs[job.choice:]]
         if out.reason is not None:
-            events.append((rid, out.finished()))
+            events.append((rid, out.finished(queue_time=job.queue_time)))
             job.choice += 1
             if job.choice == len(job.outputs):
                 self.current = None

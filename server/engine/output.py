@@ -37,9 +37,11 @@ class ChoiceOutput:
         return TokenDelta(text, (token_id,), self.index, (logprob,) if logprob is not None else None,
                           self.num_prompt_tokens)
 
-    def finished(self, reason: FinishReason | None = None, cached_tokens: int = 0) -> Finished:
+    def finished(self, reason: FinishReason | None = None, cached_tokens: int = 0,
+                 queue_time: float | None = None) -> Finished:
         return Finished(reason or self.reason or FinishReason.ABORT,
-                        Usage(self.num_prompt_tokens, self.num_output_tokens, cached_tokens), self.index)
+                        Usage(self.num_prompt_tokens, self.num_output_tokens, cached_tokens), self.index,
+                        queue_time)
 
 
 def make_logprob(tokenizer, token_id: int, logprob: float, top: list[tuple[int, float]] | None) -> TokenLogprob:

@@ -9,6 +9,7 @@ Finishing (stop, EOS, length) is the engine's decision: it calls finish() or abo
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -123,6 +124,8 @@ class Scheduler:
             assert allocated and seq.num_computed_tokens == num_hit
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
+            if seq.first_scheduled is None:
+                seq.first_scheduled = time.monotonic()
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new, num_hit))
             budget -= num_new

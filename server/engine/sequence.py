@@ -35,6 +35,7 @@ class Sequence:
     max_tokens: int
     index: int = 0
     arrival: float = 0.0
+    first_scheduled: float | None = None      # time.monotonic() of its first admission to running
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
@@ -60,6 +61,10 @@ class Sequence:
     @property
     def last_token_id(self) -> int:
         return self.token_ids[-1]
+
+    @property
+    def queue_time(self) -> float | None:
+        return None if self.first_scheduled is None else self.first_scheduled - self.arrival
 
     @property
     def is_finished(self) -> bool:

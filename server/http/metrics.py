@@ -25,8 +25,11 @@ class Metrics:
                              buckets=_ITL_BUCKETS, registry=reg)
         self.e2e = Histogram("berth_e2e_request_latency_seconds", "Request arrival to its last event",
                              buckets=_LATENCY_BUCKETS, registry=reg)
+        self.admission = Histogram("berth_request_admission_seconds",
+                                   "Arrival to submission to the engine (body read, parse, validation)",
+                                   buckets=_LATENCY_BUCKETS, registry=reg)
         self.queue = Histogram("berth_request_queue_time_seconds",
-                               "Arrival to submission to the engine (body read and parse); scheduler wait is in TTFT",
+                               "Time in the engine's waiting queue before the first step",
                                buckets=_LATENCY_BUCKETS, registry=reg)
         self.prompt_tokens = Counter("berth_prompt_tokens", "Prompt tokens of finished choices", registry=reg)
         self.generation_tokens = Counter("berth_generation_tokens", "Generated tokens", registry=reg)

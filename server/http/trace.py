@@ -46,6 +46,7 @@ class RequestTrace:
     last_token_at: float | None = None
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
+    queue_time: float | None = None             # engine queue wait of choice 0 (its Finished event)
     failed: bool = False
     aborted: bool = False
     outcome: Outcome | None = None             # set early by a transport that knows better (timeout)
@@ -57,7 +58,7 @@ class RequestTrace:
         """The request goes to the engine now."""
         self.submitted = time.monotonic()
         if self.metrics is not None:
-            self.metrics.queue.observe(self.submitted - self.started)
+            self.metrics.admission.observe(self.submitted - self.started)
         if prompt is not None:
             self.prompt = prompt if isinstance(prompt, str) else orjson.dumps(prompt).decode()
 
@@ -68,8 +69,11 @@ class RequestTrace:
         elif isinstance(event, Finished):
             if event.index == 0:
                 self.num_prompt_tokens = event.usage.prompt_tokens
+                self.queue_time = event.queue_time
                 if self.metrics is not None:
                     self.metrics.prompt_tokens.inc(event.usage.prompt_tokens)
+                    if event.queue_time is not None:
+                        self.metrics.queue.observe(event.queue_time)
             self.aborted |= event.reason is FinishReason.ABORT
         elif isinstance(event, Failed):
             self.failed = True
@@ -104,7 +108,8 @@ class RequestTrace:
                 "status": status, "outcome": outcome.value, "prompt_tokens": self.num_prompt_tokens,
                 "output_tokens": self.num_output_tokens, "duration_ms": round(duration * 1000, 1),
                 "ttft_ms": None if self.first_token_at is None
-                else round((self.first_token_at - self.started) * 1000, 1)}
+                else round((self.first_token_at - self.started) * 1000, 1),
+                "queue_ms": None if self.queue_time is None else round(self.queue_time * 1000, 1)}
         if self.log_prompts and self.prompt is not None:
             line["prompt"] = self.prompt[:MAX_LOGGED_PROMPT]
         level = logging.DEBUG if self.route in _QUIET_ROUTES else logging.INFO

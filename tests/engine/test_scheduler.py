@@ -1,6 +1,7 @@
 """Scheduler with no model (after vLLM's tests/v1/core/test_scheduler.py): sampled ids are written by
 hand or derived from (seq_id, position), and check_integrity() runs after every step."""
 import random
+import time
 
 from protocol.types import SamplingParams
 from server.engine.block_manager import BlockManager
@@ -102,6 +103,20 @@ def test_max_num_seqs_limits_running():
     assert [s.output_token_ids for s in seqs] == [expected_output(i, 4, 3) for i in range(3)]
 
 
+def test_queue_time_is_the_wait_until_first_admission():
+    sched = make_scheduler(max_num_seqs=1)
+    first, second = make_seq(0, 4, max_tokens=2), make_seq(1, 4, max_tokens=2)
+    for seq in (first, second):
+        sched.add(seq)
+        seq.arrival = time.monotonic()
+    step(sched)
+    assert first.queue_time is not None and second.queue_time is None     # still waiting
+    time.sleep(0.05)
+    while sched.has_unfinished():
+        step(sched)
+    assert second.queue_time >= 0.05 > first.queue_time >= 0
+
+
 def test_fcfs_head_of_queue_is_not_skipped():
     sched = make_scheduler(num_blocks=6)
     a = make_seq(0, 12, max_tokens=4)                       # 3 blocks now, 4 at the end
@@ -151,9 +166,10 @@ def test_preempted_sequence_recomputes_prompt_and_outputs():
     assert a.num_computed_tokens == 9 and a.num_tokens == 10  # a needed a 3rd block: b was preempted
     assert [s.seq_id for s in out.preempted] == [1] and b.num_output_tokens == 3
     assert b.status is SequenceStatus.WAITING and rows(out) == [(0, 8, 1)]
+    first_admitted = b.first_scheduled
     while b.status is SequenceStatus.WAITING:
         step(sched)
-    assert b.num_preemptions == 1
+    assert b.num_preemptions == 1 and b.first_scheduled == first_admitted   # queue time is the first wait
     while sched.has_unfinished():
         step(sched)
     assert a.output_token_ids == expected_output(0, 6, 6) and b.output_token_ids == expected_output(1, 5, 4)

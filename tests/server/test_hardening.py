@@ -85,6 +85,8 @@ async def test_metrics_behind_auth_and_count_a_request(build, served_engine):
     assert metric(text, "berth_time_to_first_token_seconds_count") == 1
     assert metric(text, "berth_inter_token_latency_seconds_count") >= 1
     assert metric(text, "berth_e2e_request_latency_seconds_count") == 1
+    assert metric(text, "berth_request_queue_time_seconds_count") == 1
+    assert metric(text, "berth_request_admission_seconds_count") == 1
     assert metric(text, "berth_generation_tokens_total") >= 1
     assert metric(text, "berth_prompt_tokens_total") > 0
     assert metric(text, "berth_kv_blocks_used") == 0
@@ -268,3 +270,21 @@ async def test_access_log_one_line_per_request_without_secrets(build, served_eng
     client, _ = await build(log_prompts=True)
     await client.post("/v1/completions", json={"prompt": "The secret word is swordfish", "max_tokens": 2})
     assert "swordfish" in caplog.text
+
+
+async def test_queue_time_is_the_scheduler_wait(build, served_engine, caplog, monkeypatch):
+    """With one running slot, the second request's queue_ms covers the first one's generation."""
+    caplog.set_level(logging.INFO, logger="berth.access")
+    monkeypatch.setattr(served_engine.scheduler, "max_num_seqs", 1)
+    client, _ = await build()
+    body = {"prompt": "Count to twenty:", "ignore_eos": True}
+    first = asyncio.ensure_future(client.post("/v1/completions", json={**body, "max_tokens": 24}))
+    await asyncio.sleep(0.2)
+    second = await client.post("/v1/completions", json={**body, "max_tokens": 2})
+    assert second.status == 200 and (await first).status == 200
+    lines = {x["output_tokens"]: x for x in (orjson.loads(r.getMessage()) for r in caplog.records
+                                              if r.name == "berth.access")}
+    assert lines[2]["queue_ms"] > 0.5 * (lines[24]["duration_ms"] - 200)
+    assert lines[24]["queue_ms"] < lines[2]["queue_ms"]
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "berth_request_queue_time_seconds_count") == 2

@@ -28,3 +28,15 @@ async def test_transformers_engine_websocket_round(make_client, hf_engine):
         parts.append(msg)
     await ws.close()
     assert "Ottawa" in "".join(parts)
+
+
+def test_transformers_engine_reports_queue_time(hf_engine):
+    """One job at a time: the second request's queue time covers the first one's generation."""
+    from protocol.types import Finished, GenerateRequest, SamplingParams
+
+    for rid in ("a", "b"):
+        hf_engine.add(GenerateRequest(rid, SamplingParams(max_tokens=4, ignore_eos=True), prompt="Count to ten:"))
+    finished = {}
+    while hf_engine.has_unfinished():
+        finished.update((rid, e) for rid, e in hf_engine.step() if isinstance(e, Finished))
+    assert 0 <= finished["a"].queue_time < finished["b"].queue_time
