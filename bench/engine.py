@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--engines", default="paged,hf")
     ap.add_argument("--model", default="default")
-    ap.add_argument("--quantization", default="none", choices=("none", "int8"))
+    ap.add_argument("--quantization", default="none", choices=("none", "int8", "int4"))
     ap.add_argument("--json", default="bench/results/engine.json")
     ap.add_argument("--profile", action="store_true", help="print a one-step phase profile per point")
     args = ap.parse_args(argv)

@@ -1,10 +1,11 @@
-"""Weight-only int8 quantization for linear layers (per-output-channel symmetric scales).
+"""Weight-only quantization for linear layers: int8 (per-output-channel symmetric scales) and int4
+(asymmetric, per group of 32 input channels, like llama.cpp's Q4).
 
 Small-batch decode on a CPU streams every weight from DRAM once per step, so it is bound by memory
-bandwidth: int8 weights read 4x fewer bytes than fp32. On the CPU the product runs in torch's
-`_weight_int8pack_mm` (bf16 activations, int8 weights, fp32 out); elsewhere the weights are
-dequantized per call (correct, not fast). Measured here (2 AVX2 cores): decode 1.9-2x faster at
-batch 1-8 than fp32 on SmolLM2-135M.
+bandwidth: int8 weights read 4x fewer bytes than fp32, int4 8x. On the CPU the products run in
+torch's `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` (bf16 activations); elsewhere the
+weights are dequantized per call (correct, not fast). Measured here (2 AVX2 cores): int8 decode is
+1.9-2x faster at batch 1-8 than fp32 on SmolLM2-135M; int4 figures are in bench/README.md.
 """
 from __future__ import annotations
 
@@ -35,4 +36,53 @@ def int8_linear(x: Tensor, weight: Int8Weight, bias: Tensor | None = None) -> Te
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16), weight.qweight, weight.scales).to(x.dtype)
     else:
         y = torch.nn.functional.linear(x, weight.qweight.to(x.dtype) * weight.scales[:, None].to(x.dtype))
+    return y if bias is None else y + bias
+
+
+INT4_GROUP_SIZE = 32
+
+
+@dataclass(slots=True)
+class Int4Weight:
+    packed: Tensor         # CPU: torch's int4pack layout; elsewhere (N, K) uint8 codes 0..15
+    scales_zeros: Tensor   # (K // group, N, 2): w = (code - 8) * scale + zero, bf16 on CPU
+    group_size: int
+
+
+def int4_supported(weight: Tensor, group_size: int = INT4_GROUP_SIZE) -> bool:
+    return weight.dim() == 2 and weight.shape[1] % group_size == 0 and weight.shape[0] % 16 == 0
+
+
+def quantize_int4(weight: Tensor, group_size: int = INT4_GROUP_SIZE) -> Int4Weight:
+    """Asymmetric per-group quantization: each group of `group_size` inputs of a row maps its
+    [min, max] onto the 16 codes."""
+    assert int4_supported(weight, group_size), f"int4 needs K % {group_size} == 0 and N % 16 == 0"
+    n, k = weight.shape
+    w = weight.detach().float().view(n, k // group_size, group_size)
+    low, high = w.amin(dim=-1, keepdim=True), w.amax(dim=-1, keepdim=True)
+    scale = ((high - low) / 15).clamp(min=1e-10)                                   # (N, G, 1)
+    codes = torch.round((w - low) / scale).clamp_(0, 15).view(n, k)
+    # the kernel's zero point is the value of code 8
+    scales_zeros = torch.stack([scale[..., 0].t(), (low + 8 * scale)[..., 0].t()], dim=-1)  # (G, N, 2)
+    if weight.device.type == "cpu":
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        return Int4Weight(packed, scales_zeros.to(torch.bfloat16).contiguous(), group_size)
+    return Int4Weight(codes.to(torch.uint8), scales_zeros.contiguous(), group_size)
+
+
+def dequantize_int4(weight: Int4Weight, codes: Tensor) -> Tensor:
+    """(N, K) float weight from codes (N, K) and the scales (the oracle for the CPU kernel)."""
+    n, k = codes.shape
+    scale = weight.scales_zeros[..., 0].float().t().repeat_interleave(weight.group_size, dim=1)  # (N, K)
+    zero = weight.scales_zeros[..., 1].float().t().repeat_interleave(weight.group_size, dim=1)
+    return (codes.float() - 8) * scale + zero
+
+
+def int4_linear(x: Tensor, weight: Int4Weight, bias: Tensor | None = None) -> Tensor:
+    """x (M, K) float -> (M, N) in x's dtype."""
+    if x.device.type == "cpu":
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), weight.packed, weight.group_size,
+                                                       weight.scales_zeros).to(x.dtype)
+    else:
+        y = torch.nn.functional.linear(x, dequantize_int4(weight, weight.packed).to(x.dtype))
     return y if bias is None else y + bias

@@ -31,8 +31,9 @@ def serve_parser(sub) -> None:
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-pending", type=int, default=256,
                    help="admitted, unfinished requests before new ones get 429")
-    p.add_argument("--quantization", choices=("none", "int8"), default="none",
-                   help="int8: weight-only int8 linear layers (paged engine; ~2x faster decode on CPU)")
+    p.add_argument("--quantization", choices=("none", "int8", "int4"), default="none",
+                   help="weight-only int8 or int4 (groups of 32) linear layers, paged engine: faster decode "
+                        "on CPU at small batches, outputs no longer equal the float model's")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="operator cap on generated tokens per request (longer requests end with 'length')")
     p.add_argument("--drain-timeout", type=float, default=30.0,

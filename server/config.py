@@ -19,7 +19,7 @@ class EngineConfig:
     kv_cache_gib: float = 2.0
     enable_prefix_caching: bool = True
     max_pending: int = 256
-    quantization: str = "none"            # none | int8 (weight-only; paged engine)
+    quantization: str = "none"            # none | int8 | int4 (weight-only; paged engine)
     max_new_tokens: int | None = None     # operator cap: longer requests are cut (finish_reason length)
 
 

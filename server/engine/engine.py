@@ -43,15 +43,16 @@ class Engine:
         from server.engine.models.weights import build_model
 
         model = build_model(folder, dtype, device, config.max_model_len)
-        if config.quantization == "int8":
-            model.quantize_int8()
+        if config.quantization != "none":
+            model.quantize(config.quantization)
         limit = model.config.max_position_embeddings
         max_model_len = min(config.max_model_len or limit, limit)
         per_block = kv_bytes_per_token(model.config, dtype) * config.block_size
         num_blocks = max(int(config.kv_cache_gib * 2**30) // per_block, 2)
         runner = ModelRunner(model, device, dtype, config.block_size, num_blocks)
         log.info("paged engine: %s %s%s, %d KV blocks of %d tokens", device, dtype,
-                 ", int8 weights" if config.quantization == "int8" else "", num_blocks, config.block_size)
+                 "" if config.quantization == "none" else f", {config.quantization} weights", num_blocks,
+                 config.block_size)
         return cls(runner, Tokenizer(folder), config, max_model_len)
 
     def add(self, request: GenerateRequest) -> None:

@@ -168,12 +168,13 @@ def test_n_choices_share_the_prompt_blocks(paged):
     assert paged.block_manager.num_used_blocks == 0
 
 
-def test_int8_weights_still_answer_ottawa(paged):
-    """--quantization int8 on the default model (a separate model copy; the fp32 one is untouched)."""
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_weights_still_answer_ottawa(paged, method):
+    """--quantization int8 / int4 on the default model (a separate model copy; the fp32 one is untouched)."""
     from server.engine.models.weights import build_model
 
     model = build_model(str(paged.runner.model.config._name_or_path), torch.float32, "cpu")
-    model.quantize_int8()
+    model.quantize(method)
     runner = ModelRunner(model, paged.runner.device, torch.float32, 16, num_blocks=64)
     engine = Engine(runner, paged.tokenizer, EngineConfig(), paged.max_model_len)
     tokens = run_all(engine, [GenerateRequest("q", SamplingParams(temperature=0, max_tokens=12),

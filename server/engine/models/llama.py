@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
-from kernels.quant import Int8Weight, int8_linear, quantize_int8
+from kernels.quant import (Int4Weight, Int8Weight, int4_linear, int4_supported, int8_linear, quantize_int4,
+                           quantize_int8)
 from kernels.metadata import AttentionMetadata
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
@@ -58,15 +59,22 @@ class Linear(nn.Module):
         self.bias = (nn.Parameter(torch.empty(sum(shard_sizes)), requires_grad=False)
                      if bias else None)
         self.int8: Int8Weight | None = None
+        self.int4: Int4Weight | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.int4 is not None:
+            return int4_linear(x, self.int4, self.bias)
         if self.int8 is not None:
             return int8_linear(x, self.int8, self.bias)
         return F.linear(x, self.weight, self.bias)
 
-    def quantize_int8(self) -> None:
-        """Replace the weight by its int8 form (frees the float weight)."""
-        self.int8 = quantize_int8(self.weight)
+    def quantize(self, method: str) -> None:
+        """Replace the weight by its int8 or int4 form (frees the float weight). A shape int4
+        cannot pack falls back to int8."""
+        if method == "int4" and int4_supported(self.weight):
+            self.int4 = quantize_int4(self.weight)
+        else:
+            self.int8 = quantize_int8(self.weight)
         self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
 
 
@@ -242,12 +250,14 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.model.norm.add_forward(x, residual)
         return x
 
-    def quantize_int8(self) -> None:
-        """Weight-only int8 for every linear layer and the output layer (the embedding table used
-        for lookups stays in float)."""
+    def quantize(self, method: str = "int8") -> None:
+        """Weight-only int8 or int4 for every linear layer. The output layer is int8 either way (as
+        llama.cpp keeps it at higher precision than the Q4 layers); the embedding table used for
+        lookups stays in float."""
+        assert method in ("int8", "int4"), method
         for module in self.modules():
             if isinstance(module, Linear):
-                module.quantize_int8()
+                module.quantize(method)
         self._lm_head_int8 = quantize_int8(self.lm_head.weight)
 
     @torch.inference_mode()
