@@ -37,13 +37,17 @@ def _mib(metrics: dict[str, float]) -> float:
 
 
 def rss_drift(series: list[tuple[float, float]], warmup_s: float) -> dict[str, float | None]:
-    """RSS at the first sample after warm-up and at the last; drift in % of the warm figure per hour."""
+    """RSS after warm-up: range, and drift as the least-squares slope in % of the mean per hour
+    (the allocator makes RSS swing by tens of MiB from sample to sample, so two end points mislead)."""
     warm = [(t, v) for t, v in series if t >= warmup_s]
-    if len(warm) < 2 or warm[-1][0] == warm[0][0]:
-        return {"rss_mib_warm": None, "rss_mib_last": None, "rss_drift_pct_per_hour": None}
-    (t1, v1), (t2, v2) = warm[0], warm[-1]
-    return {"rss_mib_warm": v1, "rss_mib_last": v2,
-            "rss_drift_pct_per_hour": round((v2 - v1) / v1 * 100 * 3600 / (t2 - t1), 2)}
+    if len(warm) < 3:
+        return {"rss_mib_warm_min": None, "rss_mib_warm_max": None, "rss_drift_pct_per_hour": None}
+    n = len(warm)
+    mean_t, mean_v = sum(t for t, _ in warm) / n, sum(v for _, v in warm) / n
+    slope = (sum((t - mean_t) * (v - mean_v) for t, v in warm)
+             / sum((t - mean_t) ** 2 for t, _ in warm))                      # MiB per second
+    return {"rss_mib_warm_min": min(v for _, v in warm), "rss_mib_warm_max": max(v for _, v in warm),
+            "rss_drift_pct_per_hour": round(slope * 3600 / mean_v * 100, 2)}
 
 
 class Soak:
@@ -151,6 +155,9 @@ class Soak:
             sampler = asyncio.ensure_future(self.sample_rss(session, t0))
             await asyncio.gather(*(self.worker(session, deadline) for _ in range(self.args.streams)))
             sampler.cancel()
+        # a fresh, non-pooled connection: the load's keep-alive sockets are closed by now, so the fd
+        # count can return to its baseline
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
             end = await self.quiesce(session)
         lat = sorted(self.latencies)
         pct = (lambda q: round(lat[min(len(lat) - 1, int(q * len(lat)))], 3) if lat else None)
@@ -163,7 +170,7 @@ class Soak:
                 "e2e_p50_s": pct(0.5), "e2e_p99_s": pct(0.99)}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
     p.add_argument("--token", default=None)
@@ -180,6 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.url.startswith(("http://127.0.0.1", "http://localhost", "http://[::1]")):
         p.error("the soak runs against a loopback server only")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     report = asyncio.run(Soak(args).run())
     text = orjson.dumps(report, option=orjson.OPT_INDENT_2).decode()
     print(text)
