@@ -22,7 +22,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-aiohttp", "pytest-timeout", "hypothesis", "requests", "websocket-client",
-                 "openai", "playwright", "matplotlib", "numpy"],
+                 "openai", "playwright", "matplotlib", "numpy", "scipy"],
         "cuda": ["flash-attn"],
     },
     entry_points={"console_scripts": ["berth=server.cli:main"]},
