@@ -44,11 +44,17 @@ class _Channel:
         self.num_done = 0
 
     def put(self, event: Event) -> None:
-        last = self.events[-1] if self.events else None
-        if isinstance(event, TokenDelta) and isinstance(last, TokenDelta) and last.index == event.index:
-            self.events[-1] = merge_deltas(last, event)
-        else:
-            self.events.append(event)
+        if isinstance(event, TokenDelta):
+            # The choice's latest pending event (n > 1 interleaves choices): a delta absorbs this one.
+            for i in range(len(self.events) - 1, -1, -1):
+                pending = self.events[i]
+                if pending.index == event.index:
+                    if isinstance(pending, TokenDelta):
+                        self.events[i] = merge_deltas(pending, event)
+                        self.ready.set()
+                        return
+                    break
+        self.events.append(event)
         self.ready.set()
 
     async def get(self) -> Event:

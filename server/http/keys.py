@@ -20,6 +20,8 @@ class ServerOptions:
     drain_timeout: float = 30.0          # seconds in-flight requests get after SIGTERM
     max_connections: int = 1024          # open TCP connections; more are answered 503 and closed
     keepalive_timeout: float = 75.0
+    ws_heartbeat: float = 20.0           # WS ping interval; no pong within half of it → closed (1006)
+    ws_idle_timeout: float = 600.0       # a WS session with no frame and no round for this long → 1001
 
 
 @dataclass(slots=True)

@@ -53,8 +53,8 @@ async def write_stream(request: web.Request, events: AsyncIterator[Event], rende
     first = await first_event(events, trace)
     response = web.StreamResponse(headers={"Content-Type": content_type, "Cache-Control": "no-cache",
                                            "X-Accel-Buffering": "no"})
-    await response.prepare(request)
     try:
+        await response.prepare(request)           # inside: a client gone before the headers still aborts
         if first is not None:
             await _write(response, renderer.on_event(first), stall)
         async for event in events:

@@ -6,12 +6,15 @@ never lands inside another round's answer. Closing the socket cancels the worker
 in progress (AsyncEngine.generate's finally). Every message gets exactly one terminal `<EOS>`: messages
 over the per-connection cap get an error frame + `<EOS>` in their turn; a flood beyond twice the cap
 closes the connection (1008). On drain the current round finishes, queued ones are refused, then 1001.
-A send that makes no progress for stall_timeout aborts the round and closes with 1011.
+A send that makes no progress for stall_timeout aborts the round and closes with 1011. A session that
+has received no frame (pings included) for ws_idle_timeout and has no round running or queued is closed
+with 1001; ws_heartbeat pings the client and closes the socket (1006) if no pong comes back in time.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 import uuid
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -40,6 +43,9 @@ class _Session:
         self.current_rid: str | None = None
         self.draining = False
         self.worker_closing = False                         # the worker is sending the close frame
+        self.transport: asyncio.Transport | None = None      # dropped when a stalled reader cannot get 1011
+        self.in_round = False                               # the worker is handling a queued message
+        self.last_round_end = time.monotonic()
 
     async def send(self, text: str) -> None:
         try:
@@ -59,7 +65,11 @@ class _Session:
             await self.close(WSCloseCode.GOING_AWAY, b"server shutting down")
         except StalledReader:
             self.worker_closing = True
-            await self.close(WSCloseCode.INTERNAL_ERROR, b"client too slow")
+            try:
+                await self.close(WSCloseCode.INTERNAL_ERROR, b"client too slow")
+            finally:                            # a client that does not read never takes the close frame
+                if self.transport is not None:
+                    self.transport.abort()
         except _GONE:
             pass
 
@@ -70,13 +80,18 @@ class _Session:
                 return
             data, accepted = item
             self.num_accepted -= accepted
-            if self.draining:
-                await self.send_error(ProtocolError("the server is shutting down", status=503, retry_after=1))
-            elif not accepted:
-                await self.send_error(ProtocolError(
-                    f"too many queued messages (at most {MAX_QUEUED_MESSAGES})", status=429, retry_after=1))
-            else:
-                await self.round(data)
+            self.in_round = True
+            try:
+                if self.draining:
+                    await self.send_error(ProtocolError("the server is shutting down", status=503, retry_after=1))
+                elif not accepted:
+                    await self.send_error(ProtocolError(
+                        f"too many queued messages (at most {MAX_QUEUED_MESSAGES})", status=429, retry_after=1))
+                else:
+                    await self.round(data)
+            finally:
+                self.in_round = False
+                self.last_round_end = time.monotonic()
             if self.draining and self.queue.empty():
                 return
 
@@ -154,6 +169,12 @@ class _Session:
         self.queue.put_nowait((data, accepted))
         return True
 
+    def idle_for(self) -> float:
+        """Seconds since the last round ended; 0 while a round runs or messages are queued."""
+        if self.in_round or not self.queue.empty():
+            return 0.0
+        return time.monotonic() - self.last_round_end
+
     def drain(self) -> None:
         """Finish the current round, refuse the queued ones, close with 1001."""
         self.draining = True
@@ -175,18 +196,27 @@ def _is_cancel(data: str | bytes) -> bool:
 
 async def websocket_session(request: web.Request) -> web.WebSocketResponse:
     state = request.app[keys.STATE]
-    ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=MAX_MESSAGE_BYTES, protocols=("berth",))
+    idle_timeout = state.options.ws_idle_timeout
+    ws = web.WebSocketResponse(heartbeat=state.options.ws_heartbeat, max_msg_size=MAX_MESSAGE_BYTES,
+                               protocols=("berth",))
     await ws.prepare(request)
     session = _Session(ws, state)
+    session.transport = request.transport
     state.sessions.add(session)
     worker = asyncio.create_task(session.run_rounds())
     try:
-        async for msg in ws:
-            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                if not session.receive(msg.data):
-                    await session.close(WSCloseCode.POLICY_VIOLATION, b"too many queued messages")
-                    break
-            elif msg.type == WSMsgType.ERROR:
+        while True:
+            try:
+                msg = await ws.receive(timeout=idle_timeout)   # pings and pongs are answered inside
+            except TimeoutError:
+                if session.idle_for() < idle_timeout:
+                    continue                                   # the client is waiting for an answer
+                await session.close(WSCloseCode.GOING_AWAY, b"idle timeout")
+                break
+            if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
+                break                                          # CLOSE (answered by aiohttp), CLOSED, ERROR
+            if not session.receive(msg.data):
+                await session.close(WSCloseCode.POLICY_VIOLATION, b"too many queued messages")
                 break
     except _GONE:
         pass
