@@ -46,6 +46,11 @@ def serve_parser(sub) -> None:
     p.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds from connect to a complete request head")
     p.add_argument("--max-connections", type=int, default=1024, help="open connections; more get 503")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host names to serve ('*': any). Default: loopback names when bound "
+                        "to a loopback address (refuses DNS rebinding), any Host otherwise")
+    p.add_argument("--ws-idle-timeout", type=float, default=600.0,
+                   help="seconds a WebSocket session may sit idle (no frame, no round) before it is closed")
     p.add_argument("--log-level", default="info")
 
 
@@ -98,6 +103,7 @@ def _announce(args, name: str, engine, seconds: float) -> None:
 def _run(args, engine, name: str) -> int:
     from server.http.app import make_app
     from server.http.keys import ServerOptions
+    from server.http.limits import parse_allowed_hosts
     from server.http.serve import serve as serve_app
 
     try:
@@ -108,7 +114,8 @@ def _run(args, engine, name: str) -> int:
     options = ServerOptions(metrics_public=args.metrics_public, log_prompts=args.log_prompts,
                             body_timeout=args.body_timeout, header_timeout=args.header_timeout,
                             stall_timeout=args.stall_timeout, drain_timeout=args.drain_timeout,
-                            max_connections=args.max_connections)
+                            max_connections=args.max_connections, ws_idle_timeout=args.ws_idle_timeout,
+                            allowed_hosts=parse_allowed_hosts(args.allowed_hosts, args.host))
     app = make_app(engine, [name], token=args.token, options=options)
     return asyncio.run(serve_app(app, args.host, args.port))
 

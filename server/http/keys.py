@@ -22,6 +22,7 @@ class ServerOptions:
     keepalive_timeout: float = 75.0
     ws_heartbeat: float = 20.0           # WS ping interval; no pong within half of it → closed (1006)
     ws_idle_timeout: float = 600.0       # a WS session with no frame and no round for this long → 1001
+    allowed_hosts: frozenset[str] | None = None   # Host names served (lower case, no port); None: any
 
 
 @dataclass(slots=True)

@@ -1,5 +1,6 @@
-"""Admission guards in front of the routes: drain (503), cross-site Origin (403), page security headers,
-and at the socket level a connection cap and a header deadline (aiohttp has neither).
+"""Admission guards in front of the routes: drain (503), a Host allowlist (403, against DNS rebinding),
+cross-site Origin (403), page security headers, and at the socket level a connection cap and a header
+deadline (aiohttp has neither).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ from server.http import keys
 log = logging.getLogger("berth.http")
 
 DRAIN_EXEMPT = frozenset({"health", "metrics"})
+LOOPBACK_BINDS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 PAGE_ROUTES = frozenset({"webui", "static", "root"})
 ORIGIN_CHECKED = frozenset({"webui", "static", "root", "ws"})
 PAGE_HEADERS = {
@@ -34,6 +37,10 @@ def guard_middleware(token_enabled: bool):
     async def middleware(request: web.Request, handler):
         state = request.app[keys.STATE]
         name = getattr(request.match_info.route, "name", None)
+        allowed = state.options.allowed_hosts
+        if allowed is not None and host_name(request.headers.get(hdrs.HOST)) not in allowed:
+            raise ProtocolError("unexpected Host header; start berth with --allowed-hosts to serve this name",
+                                status=403)
         if state.draining and name not in DRAIN_EXEMPT:
             raise ProtocolError("the server is shutting down; retry on another replica", status=503,
                                 retry_after=1)
@@ -44,6 +51,29 @@ def guard_middleware(token_enabled: bool):
             response.headers.update(PAGE_HEADERS)
         return response
     return middleware
+
+
+def default_allowed_hosts(bind_host: str) -> frozenset[str] | None:
+    """A loopback bind serves loopback names only: a page on another site whose name an attacker
+    re-points at 127.0.0.1 (DNS rebinding) sends its own name as Host and is refused. Any other bind
+    serves any Host unless --allowed-hosts names them."""
+    return LOOPBACK_NAMES if bind_host.lower() in LOOPBACK_BINDS else None
+
+
+def parse_allowed_hosts(spec: str | None, bind_host: str) -> frozenset[str] | None:
+    """--allowed-hosts "a.example,b.example" (names, no ports), "*" for any; absent: by the bind."""
+    if spec is None:
+        return default_allowed_hosts(bind_host)
+    names = {n.strip().lower().strip("[]") for n in spec.split(",") if n.strip()}
+    return None if "*" in names else frozenset(names | LOOPBACK_NAMES)
+
+
+def host_name(host: str | None) -> str:
+    """The name of a Host header without its port, lower case: "[::1]:8000" -> "::1"."""
+    host = (host or "").strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else ""
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
 def is_cross_site(request: web.Request) -> bool:

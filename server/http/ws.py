@@ -187,6 +187,15 @@ class _Session:
                 await self.ws.close(code=code, message=message)
 
 
+def close_reply(code: int) -> int:
+    """Our answer to a client's Close frame: 1000, or 1002 for a code RFC 6455 7.4 forbids on the wire
+    (1004-1006 and 1015 are reserved; 1016-2999 unassigned; none outside 1000-4999). aiohttp already
+    refuses most of these with 1002 but takes 1006 and 5000+ as a normal close (Autobahn 7.9.5).
+    aiohttp reports a Close without a status code as 0 (a wire 0 it refuses itself)."""
+    valid = code == 0 or 1000 <= code <= 1003 or 1007 <= code <= 1014 or 3000 <= code <= 4999
+    return WSCloseCode.OK if valid else WSCloseCode.PROTOCOL_ERROR
+
+
 def _is_cancel(data: str | bytes) -> bool:
     try:
         return isinstance(parse_ws_message(data, SessionState(), "probe"), Cancel)
@@ -198,7 +207,7 @@ async def websocket_session(request: web.Request) -> web.WebSocketResponse:
     state = request.app[keys.STATE]
     idle_timeout = state.options.ws_idle_timeout
     ws = web.WebSocketResponse(heartbeat=state.options.ws_heartbeat, max_msg_size=MAX_MESSAGE_BYTES,
-                               protocols=("berth",))
+                               protocols=("berth",), autoclose=False)
     await ws.prepare(request)
     session = _Session(ws, state)
     session.transport = request.transport
@@ -213,8 +222,11 @@ async def websocket_session(request: web.Request) -> web.WebSocketResponse:
                     continue                                   # the client is waiting for an answer
                 await session.close(WSCloseCode.GOING_AWAY, b"idle timeout")
                 break
+            if msg.type is WSMsgType.CLOSE:
+                await session.close(close_reply(msg.data), b"")
+                break
             if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
-                break                                          # CLOSE (answered by aiohttp), CLOSED, ERROR
+                break                                          # CLOSED, ERROR
             if not session.receive(msg.data):
                 await session.close(WSCloseCode.POLICY_VIOLATION, b"too many queued messages")
                 break

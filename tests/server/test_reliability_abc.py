@@ -555,6 +555,42 @@ async def test_b8_cross_site_origin_is_refused_on_the_root_upgrade_and_static(bu
     await assert_inv(served_engine)
 
 
+@pytest.mark.parametrize("bind,spec,want", [
+    ("127.0.0.1", None, {"127.0.0.1", "localhost", "::1"}), ("localhost", None, {"127.0.0.1", "localhost", "::1"}),
+    ("::1", None, {"127.0.0.1", "localhost", "::1"}), ("0.0.0.0", None, None), ("127.0.0.1", "*", None),
+    ("0.0.0.0", "Berth.Example, [fd00::5]", {"berth.example", "fd00::5", "127.0.0.1", "localhost", "::1"})])
+def test_b8_allowed_hosts_follow_the_bind_address(bind, spec, want):
+    from server.http.limits import parse_allowed_hosts
+
+    assert parse_allowed_hosts(spec, bind) == (None if want is None else frozenset(want))
+
+
+async def test_b8_unexpected_host_on_a_loopback_bind_is_refused(build, served_engine):
+    """DNS rebinding: a page on evil.example re-pointed at 127.0.0.1 sends Host: evil.example. With no
+    token set (the default) that would reach the API, so a loopback bind serves loopback names only."""
+    from server.http.limits import parse_allowed_hosts
+
+    client, _ = await build(allowed_hosts=parse_allowed_hosts(None, "127.0.0.1"))
+    port = client.server.port
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}", "localhost.evil",
+                 "", f"[::2]:{port}"):
+        resp = await client.get("/v1/models", headers={"Host": host})
+        assert resp.status == 403, host
+        assert_error(await resp.json(), 403, "permission_error")
+        assert (await client.post("/v1/completions", headers={"Host": host},
+                                  json={"prompt": "Hi", "max_tokens": 1})).status == 403
+        with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+            await client.ws_connect("/ws", headers={"Host": host})
+        assert info.value.status == 403
+    for host in (f"localhost:{port}", "LOCALHOST", f"127.0.0.1:{port}", f"[::1]:{port}"):
+        assert (await client.get("/v1/models", headers={"Host": host})).status == 200, host
+    ws = await client.ws_connect("/ws", headers={"Host": f"localhost:{port}"})
+    await ws.close()
+    open_bind, _ = await build(allowed_hosts=parse_allowed_hosts(None, "0.0.0.0"))
+    assert (await open_bind.get("/v1/models", headers={"Host": "berth.example"})).status == 200
+    await assert_inv(served_engine)
+
+
 # --- C. Overload and backpressure ---------------------------------------------------------------------
 
 async def test_c1_burst_over_the_queue_cap_gets_exactly_one_terminal_response_each(build, served_engine):

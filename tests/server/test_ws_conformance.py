@@ -8,14 +8,11 @@ covers the H cases the other files leave open: the queue cap (H5), many rounds u
 messages in many fragments (H9). After every session the engine invariants hold: nothing running or
 waiting, every KV block free, no request left in the AsyncEngine.
 
-aiohttp implements the protocol. Where aiohttp 3.14 departs from RFC 6455, the tests pin what it
-actually does (and that it is safe):
-- A Close frame carrying 1006 is accepted and answered with 1000. RFC 6455 7.4.1 reserves 1006 for local
-  use, and Autobahn 7.9.5 expects 1002. aiohttp PR #13536 fixes this; the test follows whichever
-  behaviour the installed aiohttp has.
-- Close codes of 5000 and above are accepted and answered with 1000. The RFC defines no such codes;
-  Autobahn 7.13.x only reports them as informational.
-- A Close reply always carries 1000 rather than echoing the client's code. This is allowed: RFC 6455
+aiohttp implements the protocol. Our session answers Close frames itself (autoclose=False,
+ws.close_reply), because aiohttp 3.14 takes a Close carrying 1006 (reserved, RFC 6455 7.4.1; Autobahn
+7.9.5 expects 1002; fixed upstream by aiohttp PR #13536) or a code of 5000 and above as a normal close.
+Where aiohttp itself departs from the RFC, the tests pin what it actually does (and that it is safe):
+- A Close reply carries 1000 rather than echoing the client's code. This is allowed: RFC 6455
   5.5.1 says "typically echoes".
 - UTF-8 is checked once the whole message has arrived, not fragment by fragment. Autobahn 6.4.x rates
   this NON-STRICT.
@@ -565,22 +562,17 @@ async def test_ab7_close_payloads(serve, case):
     await assert_inv(served)
 
 
-try:                                            # the set aiohttp's frame reader checks close codes against
-    from aiohttp._websocket.reader_py import ALLOWED_CLOSE_CODES
-except ImportError:
-    ALLOWED_CLOSE_CODES = {int(c) for c in WSCloseCode}
-AIOHTTP_ACCEPTS_1006 = 1006 in ALLOWED_CLOSE_CODES              # fixed upstream by aiohttp PR #13536
 VALID_CODES = [1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014, 3000, 3999, 4000, 4999]
 INVALID_CODES = [0, 999, 1004, 1005, 1015, 1016, 1100, 2000, 2999]
 
 
 @pytest.mark.parametrize("code,reply", [(c, 1000) for c in VALID_CODES]                 # 7.7.x
                          + [(c, 1002) for c in INVALID_CODES]                            # 7.9.x
-                         + [(1006, 1000 if AIOHTTP_ACCEPTS_1006 else 1002),             # 7.9.5, deviation
-                            (5000, 1000), (65535, 1000)])                               # 7.13.x, informational
+                         + [(1006, 1002),                                                # 7.9.5
+                            (5000, 1002), (65535, 1002)])                               # 7.13.x
 async def test_ab7_close_codes(serve, code, reply):
-    """Valid codes get a Close back (aiohttp answers 1000; it does not echo the code), invalid ones 1002.
-    aiohttp deviations pinned here: 1006 and codes of 5000 and above are taken as a normal close."""
+    """Valid codes get a Close 1000 back (not an echo of the code), invalid ones 1002, including the
+    1006 and 5000+ that aiohttp alone would take as a normal close."""
     served = await serve()
     ws = await serve.connect(served)
     ws.send(frame(CLOSE, close_payload(code, b"code test")))
@@ -868,8 +860,7 @@ async def _echo_round(self, data: str | bytes) -> None:
 async def test_h10_autobahn_testsuite_cases_1_to_7(serve, monkeypatch, tmp_path):
     """H10: wstest's fuzzing client runs cases 1.* to 7.* against our session handler (receive loop,
     queue, worker, close handling; each round echoes). As aiohttp's upstream run, every case must close
-    OK, and no case may fail its behaviour. The one exception is 7.9.5 (Close with 1006), pinned while
-    the installed aiohttp accepts 1006 (see the module docstring)."""
+    OK, and no case may fail its behaviour (7.9.5 included: our close_reply refuses 1006)."""
     monkeypatch.setattr(ws_module._Session, "round", _echo_round)
     served = await serve()
     spec = {"options": {"failByDrop": True}, "outdir": str(tmp_path / "reports"),
@@ -886,9 +877,7 @@ async def test_h10_autobahn_testsuite_cases_1_to_7(serve, monkeypatch, tmp_path)
     failures = {}
     for case, r in results.items():
         outcome = (r["behavior"], r["behaviorClose"])
-        if case == "7.9.5" and AIOHTTP_ACCEPTS_1006:
-            assert outcome == ("FAILED", "WRONG CODE"), outcome   # the pinned deviation, nothing worse
-        elif r["behavior"] not in ("OK", "NON-STRICT", "INFORMATIONAL") or \
+        if r["behavior"] not in ("OK", "NON-STRICT", "INFORMATIONAL") or \
                 r["behaviorClose"] not in ("OK", "INFORMATIONAL"):
             failures[case] = outcome
     assert not failures, failures
