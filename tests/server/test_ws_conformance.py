@@ -20,7 +20,7 @@ Where aiohttp itself departs from the RFC, the tests pin what it actually does (
 The real Autobahn|Testsuite (wstest, Python 2 only) runs in test_h10_autobahn_testsuite_cases_1_to_7
 when BERTH_WSTEST names the command that starts it (or `wstest` is on PATH). wstest needs an echo
 server, so that test sends each message back through our own session handler instead of the engine.
-To install it next to a Python 2.7:
+To install it next to a Python 2.7 (.ci/run does this with tests/autobahn/setup_wstest.sh):
     python2.7 -m pip download --no-deps autobahntestsuite     # its pins are in the sdist's egg-info:
     python2.7 -m pip install --target DIR -r <sdist>/autobahntestsuite.egg-info/requires.txt <sdist>.tar.gz
     BERTH_WSTEST="python2.7 wrapper.py"
