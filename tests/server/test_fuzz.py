@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import threading
 
 import pytest
@@ -24,7 +25,8 @@ FIELDS = ["model", "messages", "prompt", "stream", "temperature", "top_p", "top_
           "n", "logprobs", "top_logprobs", "presence_penalty", "frequency_penalty", "repetition_penalty",
           "do_sample", "ignore_eos", "history", "system_prompt", "use_stream_chat", "stream_options",
           "best_of", "prompt_logprobs", "stop_token_ids", "min_tokens", "logit_bias", "echo"]
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+# 60 examples per route in CI; BERTH_FUZZ_EXAMPLES=2000 for a longer run
+SETTINGS = settings(max_examples=int(os.environ.get("BERTH_FUZZ_EXAMPLES", "60")), deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
                       st.text(max_size=12), st.sampled_from(NASTY_NUMBERS))
