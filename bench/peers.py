@@ -52,22 +52,29 @@ def median_rows(peer: str, runs: list[list[PointResult]]) -> list[PeerRow]:
 
 
 def ratio_table(rows: list[PeerRow], base: str = "berth") -> tuple[str, list[dict]]:
-    """Markdown and JSON rows of berth / peer per concurrency and column."""
-    ours = {r.concurrency: r for r in rows if r.peer == base}
+    """Markdown and JSON rows of berth / peer per concurrency and column. Every peer named "berth..."
+    (e.g. "berth int4") is a berth variant: each variant gets its own ratios against the other peers."""
+    variants = list(dict.fromkeys(r.peer for r in rows if r.peer.startswith(base)))
     lines = ["| peer | concurrency | " + " | ".join(f"{n} (berth/peer)" for n, _, _ in _COLUMNS) + " |",
              "|" + "---|" * (2 + len(_COLUMNS))]
     records = []
-    for row in rows:
-        mine = ours.get(row.concurrency)
-        if row.peer == base or mine is None:
-            continue
-        ratios = {}
-        for name, _, _ in _COLUMNS:
-            a, b = mine.values.get(name), row.values.get(name)
-            ratios[name] = a / b if a is not None and b else None
-        records.append({"peer": row.peer, "concurrency": row.concurrency, "ratios": ratios})
-        cells = " | ".join("-" if v is None else f"{v:.2f}" for v in ratios.values())
-        lines.append(f"| {row.peer} | {row.concurrency} | {cells} |")
+    for variant in variants:
+        ours = {r.concurrency: r for r in rows if r.peer == variant}
+        for row in rows:
+            mine = ours.get(row.concurrency)
+            if row.peer.startswith(base) or mine is None:
+                continue
+            ratios = {}
+            for name, _, _ in _COLUMNS:
+                a, b = mine.values.get(name), row.values.get(name)
+                ratios[name] = a / b if a is not None and b else None
+            record = {"peer": row.peer, "concurrency": row.concurrency, "ratios": ratios}
+            if variant != base:
+                record["berth"] = variant
+            records.append(record)
+            cells = " | ".join("-" if v is None else f"{v:.2f}" for v in ratios.values())
+            label = row.peer if variant == base else f"{row.peer} (vs {variant})"
+            lines.append(f"| {label} | {row.concurrency} | {cells} |")
     return "\n".join(lines), records
 
 
@@ -100,7 +107,7 @@ async def bench_peer(spec: PeerSpec, args, counter: TokenCounter | None) -> list
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.splitlines()[0])
-    p.add_argument("--peers", default="llama,transformers,berth", help="comma list: llama, transformers, berth")
+    p.add_argument("--peers", default="llama,transformers,berth", help="comma list: llama, transformers, berth, berth-int4")
     p.add_argument("--concurrency", type=lambda t: [int(v) for v in t.split(",")], default=[1, 4, 16, 64])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--num-prompts", type=int, default=16, help="requests per point (at least 2 x concurrency)")

@@ -134,6 +134,11 @@ def test_peer_ratio_table():
                         "ratios": {"out tok/s": 2.0, "TTFT p50 ms": 0.5, "TPOT p50 ms": None,
                                    "ITL p50 ms": None, "E2E p50 ms": None}}]
     assert "| llama.cpp | 4 | 2.00 | 0.50 |" in markdown
+    rows.append(PeerRow("berth int4", 4, {"out tok/s": 300.0, "TTFT p50 ms": 40.0}))
+    markdown, records = ratio_table(rows)
+    assert records[-1]["berth"] == "berth int4" and records[-1]["ratios"]["out tok/s"] == 3.0
+    assert "| llama.cpp (vs berth int4) | 4 | 3.00 | 0.40 |" in markdown
+    assert len(records) == 2                                  # berth variants are never each other's peers
 
 
 def test_token_counter_random_text(tmp_path):
