@@ -27,10 +27,12 @@ async def sse_stream(session, url: str, body: dict, started: asyncio.Event) -> l
     return [orjson.loads(c) for c in chunks[:-1]]
 
 
-async def ws_rounds(session, url: str, started: asyncio.Event) -> tuple[list[str], int]:
+async def ws_rounds(session, url: str, started: asyncio.Event, rounds: int = 2,
+                    max_new_tokens: int = 12) -> tuple[list[str], int]:
+    """Send `rounds` messages at once; every text frame until the close, and the close code."""
     async with session.ws_connect(url + "/ws") as ws:
-        for _ in range(2):
-            await ws.send_str(orjson.dumps({"prompt": "Tell me a story", "max_new_tokens": 12,
+        for _ in range(rounds):
+            await ws.send_str(orjson.dumps({"prompt": "Tell me a story", "max_new_tokens": max_new_tokens,
                                             "ignore_eos": True}).decode())
         frames = []
         while (msg := await ws.receive()).type == aiohttp.WSMsgType.TEXT:
@@ -91,17 +93,6 @@ def test_sigterm_drains_in_flight_and_aborts_at_the_deadline():
         server.proc.communicate()
 
 
-async def ws_long_round(session, url: str, started: asyncio.Event) -> tuple[list[str], int]:
-    async with session.ws_connect(url + "/ws") as ws:
-        await ws.send_str(orjson.dumps({"prompt": "Tell me a long story", "max_new_tokens": 2000,
-                                        "ignore_eos": True}).decode())
-        frames = []
-        while (msg := await ws.receive()).type == aiohttp.WSMsgType.TEXT:
-            frames.append(msg.data)
-            started.set()
-        return frames, msg.data
-
-
 async def nul_stream(session, url: str, started: asyncio.Event) -> list[bytes]:
     async with session.post(url + "/", json={"prompt": "Tell me a long story", "max_new_tokens": 2000,
                                              "ignore_eos": True}) as resp:
@@ -121,7 +112,7 @@ async def second_signal_scenario(server: LiveServer, children: list) -> float:
         body = {"prompt": "Once upon a time", "max_tokens": 2000, "ignore_eos": True, "stream": True}
         streams = [asyncio.ensure_future(sse_stream(session, url, body, events[i])) for i in range(3)]
         nul = asyncio.ensure_future(nul_stream(session, url, events[3]))
-        ws = asyncio.ensure_future(ws_long_round(session, url, events[4]))
+        ws = asyncio.ensure_future(ws_rounds(session, url, events[4], rounds=1, max_new_tokens=2000))
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
         children += psutil.Process(server.proc.pid).children(recursive=True)
         server.proc.send_signal(signal.SIGTERM)
