@@ -788,3 +788,47 @@ async def test_ws_client_that_never_reads_is_closed_after_the_stall_timeout(buil
     assert all(int.from_bytes(p[:2], "big") == aiohttp.WSCloseCode.INTERNAL_ERROR for p in closes)
     sock.close()
     await assert_inv(served_engine)
+
+
+# --- Liveness (RELIABILITY.md §4): the event loop is never blocked ---------------------------------------
+
+async def test_event_loop_never_blocked_under_mixed_load(build, served_engine, caplog):
+    """asyncio debug mode reports every callback that runs longer than slow_callback_duration. Under
+    streams on every transport, a ~1 MB prompt and a burst of bad bodies, none may take 100 ms: parsing,
+    tokenizing and stepping happen off the loop or in small pieces."""
+    caplog.set_level(logging.WARNING, logger="asyncio")
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    loop.slow_callback_duration = 0.1
+    try:
+        client, _ = await build()
+        body = {"prompt": "Tell me a story", "max_tokens": 24, "ignore_eos": True}
+
+        async def sse():
+            return await read_sse(await client.post("/v1/completions", json={**body, "stream": True}))
+
+        async def nul():
+            return await (await client.post("/", json={"prompt": "Tell me a story", "max_new_tokens": 24})).read()
+
+        async def ws():
+            sock = await client.ws_connect("/ws")
+            await sock.send_str(orjson.dumps({"prompt": "Hello", "max_new_tokens": 24}).decode())
+            while await sock.receive_str() != "<EOS>":
+                pass
+            await sock.close()
+
+        async def big_prompt():
+            return (await client.post("/v1/completions", json={"prompt": "word " * 200_000, "max_tokens": 1})).status
+
+        async def bad_bodies():
+            return [(await client.post("/v1/chat/completions", data=b"[" * 50_000,
+                                       headers={"Content-Type": "application/json"})).status for _ in range(20)]
+
+        results = await asyncio.gather(sse(), sse(), nul(), ws(), big_prompt(), bad_bodies())
+        assert results[0][-1] == results[1][-1] == "[DONE]" and results[2].endswith(b"\0")
+        assert results[4] == 400 and set(results[5]) == {400}
+    finally:
+        loop.set_debug(False)
+    slow = [r.getMessage() for r in caplog.records if r.name == "asyncio" and "took" in r.getMessage()]
+    assert not slow, slow
+    await assert_inv(served_engine)
