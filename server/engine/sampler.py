@@ -100,7 +100,7 @@ class Sampler:
         probs = torch.softmax(logits, dim=-1)   # (B, V)
         if t.any_min_p:
             probs = apply_min_p(probs, t.min_p)
-        sampled_ids = exponential_race(probs, generators)
+        sampled_ids = inverse_cdf_sample(probs, generators)
         return torch.where(t.is_greedy, greedy_ids, sampled_ids)
 
 
@@ -164,16 +164,24 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return probs.masked_fill(probs < threshold, 0.0)
 
 
-def exponential_race(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
-    """argmax(p / E) with E ~ Exp(1) samples from p (the Gumbel-max trick). Seeded rows draw their
-    own noise, one (V,) draw per step, independent of the batch."""
-    noise = torch.empty_like(probs)   # (B, V)
+def inverse_cdf_sample(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One uniform draw per row, located in the row's cumulative distribution. probs (B, V) need not
+    sum to 1 (top-k/p and min-p leave zeros). Seeded rows draw from their own generator, one number per
+    step, independent of the batch.
+    NOTE: replaces the exponential race argmax(p / E): on the CPU `exponential_` over (B, 49152) cost
+    19 ms at B=16 and 76 ms at B=64 per step; this costs 0.5 and 2 ms."""
+    cdf = probs.cumsum(dim=-1)                                   # (B, V)
+    total = cdf[:, -1:]                                          # (B, 1)
+    u = torch.empty_like(total)
     if any(gen is None for gen in generators):
-        noise.exponential_()   # the global RNG
+        u.uniform_()                                             # the global RNG
     for row, gen in enumerate(generators):
         if gen is not None:
-            noise[row].exponential_(generator=gen)
-    return (probs / noise).argmax(dim=-1)
+            u[row].uniform_(generator=gen)
+    # u * total < total always (nextafter), and right=True skips zero-probability tokens: the chosen i
+    # has cdf[i-1] <= u < cdf[i], so probs[i] > 0
+    u = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
 def _result(token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, num_top: list[int]) -> SampleResult:

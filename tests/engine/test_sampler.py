@@ -136,3 +136,16 @@ def test_build_flags():
     assert not t.all_greedy and not t.any_top_k and not t.any_top_p and not t.any_penalties
     assert t.top_k.tolist() == [5, 0] and t.temperatures.tolist() == [1.0, 1.0]
     assert SamplingTensors.build([SamplingParams(temperature=1e-9)], "cpu").all_greedy
+
+
+def test_inverse_cdf_never_picks_a_zero_probability_token_and_needs_no_normalization():
+    from server.engine.sampler import inverse_cdf_sample
+
+    torch.manual_seed(1)
+    probs = torch.tensor([[0.0, 0.0, 1.0, 0.0], [0.0, 0.25, 0.0, 0.25]]).repeat(3000, 1)   # row 2 sums to 0.5
+    ids = inverse_cdf_sample(probs, [None] * 6000)
+    assert set(ids[0::2].tolist()) == {2}
+    assert set(ids[1::2].tolist()) == {1, 3} and abs((ids[1::2] == 1).float().mean() - 0.5) < 0.03
+    edge = torch.tensor([[0.0, 1.0, 0.0]])
+    gen = seeded(3)
+    assert all(inverse_cdf_sample(edge, [gen]).item() == 1 for _ in range(200))
