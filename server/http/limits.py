@@ -16,7 +16,6 @@ from server.http import keys
 log = logging.getLogger("berth.http")
 
 DRAIN_EXEMPT = frozenset({"health", "metrics"})
-LOOPBACK_BINDS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 PAGE_ROUTES = frozenset({"webui", "static", "root"})
 ORIGIN_CHECKED = frozenset({"webui", "static", "root", "ws"})
@@ -57,7 +56,7 @@ def default_allowed_hosts(bind_host: str) -> frozenset[str] | None:
     """A loopback bind serves loopback names only: a page on another site whose name an attacker
     re-points at 127.0.0.1 (DNS rebinding) sends its own name as Host and is refused. Any other bind
     serves any Host unless --allowed-hosts names them."""
-    return LOOPBACK_NAMES if bind_host.lower() in LOOPBACK_BINDS else None
+    return LOOPBACK_NAMES if bind_host.lower().strip("[]") in LOOPBACK_NAMES else None
 
 
 def parse_allowed_hosts(spec: str | None, bind_host: str) -> frozenset[str] | None:

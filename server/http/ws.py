@@ -33,7 +33,7 @@ _DRAIN = object()
 
 
 class _Session:
-    def __init__(self, ws: web.WebSocketResponse, state: keys.ServerState):
+    def __init__(self, ws: web.WebSocketResponse, state: keys.ServerState, transport: asyncio.Transport | None):
         self.ws = ws
         self.server = state
         self.engine = state.engine
@@ -43,7 +43,7 @@ class _Session:
         self.current_rid: str | None = None
         self.draining = False
         self.worker_closing = False                         # the worker is sending the close frame
-        self.transport: asyncio.Transport | None = None      # dropped when a stalled reader cannot get 1011
+        self.transport = transport                          # dropped when a stalled reader cannot get 1011
         self.in_round = False                               # the worker is handling a queued message
         self.last_round_end = time.monotonic()
 
@@ -209,8 +209,7 @@ async def websocket_session(request: web.Request) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(heartbeat=state.options.ws_heartbeat, max_msg_size=MAX_MESSAGE_BYTES,
                                protocols=("berth",), autoclose=False)
     await ws.prepare(request)
-    session = _Session(ws, state)
-    session.transport = request.transport
+    session = _Session(ws, state, request.transport)
     state.sessions.add(session)
     worker = asyncio.create_task(session.run_rounds())
     try:
