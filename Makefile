@@ -8,7 +8,7 @@ PORT   ?= 8000
 MODEL  ?= default
 ARGS   ?=
 
-.PHONY: install model serve test bench-engine bench-serving bench-peers clean
+.PHONY: install model native serve test bench-engine bench-serving bench-peers clean
 
 install: $(STAMP)
 
@@ -22,10 +22,15 @@ $(STAMP): setup.py
 model: install
 	$(PY) -c "from server.model_store import resolve_model; print(resolve_model('$(MODEL)'))"
 
+# the C++ decode step (kernels/native.py): compiled once per machine; serving falls back without it
+native: install
+	$(PY) -m kernels.native
+
 serve: model
+	-$(PY) -m kernels.native
 	$(PY) -m server.cli serve --model $(MODEL) --host $(HOST) --port $(PORT) $(ARGS)
 
-test: model
+test: model native
 	$(PY) -m pytest -q $(ARGS)
 
 bench-engine: model

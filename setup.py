@@ -19,6 +19,7 @@ setup(
         "orjson",
         "tqdm",
         "prometheus_client",
+        "ninja",  # builds kernels/csrc (torch.utils.cpp_extension)
     ],
     extras_require={
         "test": ["pytest", "pytest-aiohttp", "pytest-timeout", "hypothesis", "requests", "websocket-client",

@@ -98,7 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quantization", default="none", choices=("none", "int8", "int4"))
     ap.add_argument("--json", default="bench/results/engine.json")
     ap.add_argument("--profile", action="store_true", help="print a one-step phase profile per point")
+    ap.add_argument("--quantized-max-rows", type=int, default=None,
+                    help="override models.llama.QUANTIZED_MAX_ROWS (largest input a quantized weight multiplies)")
     args = ap.parse_args(argv)
+    if args.quantized_max_rows is not None:
+        from server.engine.models import llama
+        llama.QUANTIZED_MAX_ROWS = args.quantized_max_rows
     folder = str(resolve_model(args.model))
     dtype = pick_dtype(args.dtype, torch.device("cpu"))
     levels = [int(c) for c in args.concurrency.split(",")]

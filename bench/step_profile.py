@@ -17,6 +17,7 @@ from torch.profiler import ProfilerActivity, profile
 from protocol.types import GenerateRequest, SamplingParams
 from server.config import EngineConfig
 from server.engine.engine import Engine
+from server.engine.models import llama
 from server.model_store import resolve_model
 
 
@@ -28,7 +29,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rows", type=int, default=15, help="rows of the profiler table")
+    ap.add_argument("--quantized-max-rows", type=int, default=None,
+                    help="override models.llama.QUANTIZED_MAX_ROWS (largest input a quantized weight multiplies)")
     args = ap.parse_args(argv)
+    if args.quantized_max_rows is not None:
+        llama.QUANTIZED_MAX_ROWS = args.quantized_max_rows
     engine = Engine.from_folder(str(resolve_model("default")),
                                 EngineConfig(kv_cache_gib=0.5, quantization=args.quantization),
                                 torch.device("cpu"), torch.float32)

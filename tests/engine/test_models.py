@@ -162,3 +162,24 @@ def test_quantized_weights_keep_logits_close(tmp_path, method, min_cosine, min_a
     after = logits(ours)
     assert (torch.nn.functional.cosine_similarity(before, after, dim=1) > min_cosine).all()
     assert (before.argmax(-1) == after.argmax(-1)).float().mean() >= min_agree
+
+
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_quantized_linear_uses_float_weight_for_large_inputs(method, monkeypatch):
+    """Small inputs (decode) multiply the quantized weight; inputs over QUANTIZED_MAX_ROWS (prefill) the
+    kept float weight, which runs faster there; keep_float=False drops it and quantizes every product."""
+    from server.engine.models import llama
+
+    monkeypatch.setattr(llama, "QUANTIZED_MAX_ROWS", 4)
+    torch.manual_seed(0)
+    layer = llama.Linear(64, [32, 32])
+    layer.weight.data.normal_(0, 0.1)
+    exact = lambda x: torch.nn.functional.linear(x, layer.weight)  # noqa: E731
+    layer.quantize(method)
+    small, large = torch.randn(4, 64), torch.randn(5, 64)
+    assert torch.equal(layer(large), exact(large))
+    assert not torch.equal(layer(small), exact(small))
+    assert torch.nn.functional.cosine_similarity(layer(small), exact(small), dim=1).min() > 0.95
+    layer.quantize(method, keep_float=False)
+    assert layer.weight.numel() == 0
+    assert layer(large).shape == (5, 64)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import kernels
+from kernels import native
 from kernels.quant import (Int4Weight, Int8Weight, int4_linear, int4_supported, int8_linear, quantize_int4,
                            quantize_int8)
 from kernels.metadata import AttentionMetadata
@@ -48,6 +49,13 @@ def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+# A quantized layer multiplies at most this many rows with its int8/int4 weight and larger inputs
+# (prefill chunks, big decode batches) with the float weight it keeps. NOTE: on this CPU torch's
+# int8/int4 kernels top out at ~55 GFLOP/s while fp32 GEMM reaches ~100, so quantized weights only
+# pay while a product is bound by reading the weights (bench/README.md, "Quantized decode").
+QUANTIZED_MAX_ROWS = 40
+
+
 class Linear(nn.Module):
     """y = x W^T + b with uninitialised storage (weights are always loaded). `shard_sizes`
     lists the row counts of packed sub-matrices in order (e.g. q, k, v) for the loader."""
@@ -62,20 +70,22 @@ class Linear(nn.Module):
         self.int4: Int4Weight | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.int4 is not None:
-            return int4_linear(x, self.int4, self.bias)
-        if self.int8 is not None:
-            return int8_linear(x, self.int8, self.bias)
+        if x.shape[0] <= QUANTIZED_MAX_ROWS or self.weight.numel() == 0:
+            if self.int4 is not None:
+                return int4_linear(x, self.int4, self.bias)
+            if self.int8 is not None:
+                return int8_linear(x, self.int8, self.bias)
         return F.linear(x, self.weight, self.bias)
 
-    def quantize(self, method: str) -> None:
-        """Replace the weight by its int8 or int4 form (frees the float weight). A shape int4
-        cannot pack falls back to int8."""
+    def quantize(self, method: str, keep_float: bool = True) -> None:
+        """Add the int8 or int4 form of the weight (a shape int4 cannot pack falls back to int8).
+        keep_float=False frees the float weight: less memory, slower prefill."""
         if method == "int4" and int4_supported(self.weight):
             self.int4 = quantize_int4(self.weight)
         else:
             self.int8 = quantize_int8(self.weight)
-        self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        if not keep_float:
+            self.weight = nn.Parameter(torch.empty(0), requires_grad=False)
 
 
 class RMSNorm(nn.Module):
@@ -239,10 +249,18 @@ class LlamaForCausalLM(nn.Module):
                                nn.Parameter(torch.empty(config.vocab_size, config.hidden_size),
                                             requires_grad=False))
 
+    # Pure-decode CPU fp32 steps run every layer in one C++ call (kernels/native.py) unless this is False.
+    native_decode = True
+
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]],
                 meta: AttentionMetadata) -> Tensor:
         x = F.embedding(input_ids, self.model.embed_tokens.weight)  # (T, hidden)
+        decoder = self._native_decoder(x, meta, kv_caches)
+        if decoder is not None:
+            h = decoder.forward(x, positions, self.model.rotary_emb.cos_sin_cache, kv_caches,
+                                meta.block_tables, meta.context_lens, QUANTIZED_MAX_ROWS)  # (T, hidden)
+            return self.model.norm(h)
         cos, sin = self.model.rotary_emb.lookup(positions)  # (T, 1, D/2), shared by every layer
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
@@ -250,19 +268,36 @@ class LlamaForCausalLM(nn.Module):
         x, _ = self.model.norm.add_forward(x, residual)
         return x
 
-    def quantize(self, method: str = "int8") -> None:
+    def quantize(self, method: str = "int8", keep_float: bool = True) -> None:
         """Weight-only int8 or int4 for every linear layer. The output layer is int8 either way (as
         llama.cpp keeps it at higher precision than the Q4 layers); the embedding table used for
-        lookups stays in float."""
+        lookups stays in float. keep_float: see Linear.quantize."""
         assert method in ("int8", "int4"), method
+        self._native = None  # rebuilt with the quantized weights
         for module in self.modules():
             if isinstance(module, Linear):
-                module.quantize(method)
+                module.quantize(method, keep_float)
         self._lm_head_int8 = quantize_int8(self.lm_head.weight)
+
+    def _native_decoder(self, x: Tensor, meta: AttentionMetadata, kv_caches: list[tuple[Tensor, Tensor]]):
+        """The C++ decoder when this step can use it: only decode rows, fp32 on the CPU, extension built."""
+        if not (self.native_decode and x.device.type == "cpu" and x.dtype == torch.float32
+                and 0 < x.shape[0] == meta.num_decode_seqs and kv_caches[0][0].dtype == torch.float32):
+            return None
+        if getattr(self, "_native", None) is None:
+            ext = native.load()
+            if ext is None:
+                self.native_decode = False
+                return None
+            attn = self.model.layers[0].self_attn
+            self._native = ext.DecodeModel([_native_layer(layer) for layer in self.model.layers],
+                                           attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                           float(self.config.rms_norm_eps))
+        return self._native
 
     @torch.inference_mode()
     def compute_logits(self, hidden: Tensor) -> Tensor:
-        if getattr(self, "_lm_head_int8", None) is not None:
+        if getattr(self, "_lm_head_int8", None) is not None and hidden.shape[0] <= QUANTIZED_MAX_ROWS:
             return int8_linear(hidden, self._lm_head_int8).float()  # (B, vocab)
         if hidden.shape[0] <= 4 and hidden.device.type == "cpu":
             return torch.mm(hidden, self._lm_head_t()).float()  # (B, vocab)
@@ -275,3 +310,21 @@ class LlamaForCausalLM(nn.Module):
         if getattr(self, "_lm_head_t_cache", None) is None:
             self._lm_head_t_cache = self.lm_head.weight.t().contiguous()
         return self._lm_head_t_cache
+
+
+def _native_linear(linear: Linear) -> tuple:
+    """(weight, quant 0|1|2, q0, q1, group, bias) as kernels/csrc/cpu_decode.cpp reads a Linear."""
+    if linear.int4 is not None:
+        q = linear.int4
+        return linear.weight, 2, q.packed, q.scales_zeros, q.group_size, linear.bias
+    if linear.int8 is not None:
+        return linear.weight, 1, linear.int8.qweight, linear.int8.scales, 0, linear.bias
+    return linear.weight, 0, None, None, 0, linear.bias
+
+
+def _native_layer(layer: DecoderLayer) -> tuple:
+    attn = layer.self_attn
+    q_norm, k_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.has_qk_norm else (None, None)
+    return (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, q_norm, k_norm,
+            _native_linear(attn.qkv_proj), _native_linear(attn.o_proj),
+            _native_linear(layer.mlp.gate_up_proj), _native_linear(layer.mlp.down_proj))

@@ -1,0 +1,93 @@
+"""The C++ decode step (kernels/native.py) against the PyTorch path on tiny random checkpoints.
+
+The PyTorch path is itself checked against transformers (tests/engine/test_models.py); these tests
+pin the extension to it: same hidden states and the same KV cache after a decode step, for every
+supported architecture, batched rows with different context lengths, float and quantized weights.
+CI builds the extension (`python -m kernels.native`), so a missing extension fails here, not skips.
+"""
+import pytest
+import torch
+
+from kernels import native
+from kernels.metadata import build_metadata
+from tests.engine.test_models import BLOCK_SIZE, PROMPT, checkpoint, new_caches, run_chunk  # noqa: F401
+
+TABLES = [[1, 4, 6, 8], [2, 10, 12, 14], [3, 5, 7, 9]]
+LENGTHS = [9, 13, 4]   # context lengths after the step: 3, 4 and 1 blocks
+OFFSETS = [3, 0, 6]    # each sequence is PROMPT[offset:offset + length]
+
+
+def decode_step(model, caches, use_native: bool):
+    """Prefill three sequences (PyTorch path), then one decode step of all three together."""
+    model.native_decode = False
+    for table, n, i in zip(TABLES, LENGTHS, OFFSETS):
+        run_chunk(model, caches, PROMPT[i:i + n - 1], 0, table)
+    model.native_decode = use_native
+    slots = [t[(n - 1) // BLOCK_SIZE] * BLOCK_SIZE + (n - 1) % BLOCK_SIZE for t, n in zip(TABLES, LENGTHS)]
+    meta = build_metadata([1, 1, 1], LENGTHS, TABLES, slots, BLOCK_SIZE, "cpu")
+    ids = torch.tensor([PROMPT[i + n - 1] for i, n in zip(OFFSETS, LENGTHS)])
+    positions = torch.tensor([n - 1 for n in LENGTHS])
+    return model(ids, positions, caches, meta)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def extension():
+    if not native.enabled():
+        pytest.skip("BERTH_NATIVE=0")
+    module = native.load()
+    assert module is not None, "the native decode extension did not build (see the log line)"
+    return module
+
+
+@pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
+def test_native_decode_matches_pytorch_path(checkpoint, quantization):  # noqa: F811
+    _, folder, _ = checkpoint
+    from server.engine.models.weights import build_model
+    model = build_model(folder, torch.float32, "cpu")
+    if quantization != "none":
+        model.quantize(quantization)
+    ref_caches, nat_caches = new_caches(model), new_caches(model)
+    expected = decode_step(model, ref_caches, use_native=False)
+    got = decode_step(model, nat_caches, use_native=True)
+    assert model._native is not None, "the decode step did not take the native path"
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+    for (k_ref, v_ref), (k_nat, v_nat) in zip(ref_caches, nat_caches):
+        torch.testing.assert_close(k_nat, k_ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v_nat, v_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_native_decode_is_used_only_for_pure_decode_fp32(checkpoint):  # noqa: F811
+    """A prefill row or a bf16 model keeps the PyTorch path (the extension refuses nothing silently)."""
+    _, folder, model = checkpoint
+    model.native_decode, model._native = True, None
+    run_chunk(model, new_caches(model), PROMPT[:5], 0, [1, 2])  # prefill: never builds the decoder
+    assert model._native is None
+    from server.engine.models.weights import build_model
+    bf16 = build_model(folder, torch.bfloat16, "cpu")
+    caches = [(k.bfloat16(), v.bfloat16()) for k, v in new_caches(bf16)]
+    run_chunk(bf16, caches, PROMPT[:5], 0, [1, 2])
+    run_chunk(bf16, caches, PROMPT[5:6], 5, [1, 2])
+    assert getattr(bf16, "_native", None) is None
+
+
+def test_native_decode_checks_its_inputs(checkpoint, extension):  # noqa: F811
+    _, _, model = checkpoint
+    model.native_decode, model._native = True, None
+    decode_step(model, new_caches(model), use_native=True)
+    decoder, caches = model._native, new_caches(model)
+    x = torch.zeros(1, model.config.hidden_size)
+    cos_sin = model.model.rotary_emb.cos_sin_cache
+    table, lens = torch.tensor([[0]], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="int32"):
+        decoder.forward(x, torch.tensor([0]), cos_sin, caches, table.long(), lens, 16)
+    with pytest.raises(RuntimeError, match="fp32"):
+        decoder.forward(x.double(), torch.tensor([0]), cos_sin, caches, table, lens, 16)
+    with pytest.raises(RuntimeError, match="per layer"):
+        decoder.forward(x, torch.tensor([0]), cos_sin, caches[:1], table, lens, 16)
+    assert decoder.forward(x, torch.tensor([0]), cos_sin, caches, table, lens, 16).shape == x.shape
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("BERTH_NATIVE", "0")
+    monkeypatch.setattr(native, "_module", native._UNTRIED)
+    assert native.load() is None
