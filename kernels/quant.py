@@ -39,6 +39,23 @@ def int8_linear(x: Tensor, weight: Int8Weight, bias: Tensor | None = None) -> Te
     return y if bias is None else y + bias
 
 
+@dataclass(slots=True)
+class Q8Weight:
+    """int8 per group of 32 inputs (llama.cpp's Q8_0), for the native kernel q8_linear."""
+    qweight: Tensor   # (N, K) int8
+    scales: Tensor    # (N, K // 32) fp16: w = qweight * scale
+
+
+def quantize_q8(weight: Tensor) -> Q8Weight:
+    """Symmetric per-group quantization, groups of 32 inputs: exact for a weight that was Q8_0."""
+    n, k = weight.shape
+    assert k % 32 == 0, "q8 needs K % 32 == 0"
+    w = weight.detach().float().view(n, k // 32, 32)
+    scales = (w.abs().amax(dim=-1, keepdim=True) / 127.0).to(torch.float16).float().clamp(min=1e-10)
+    qweight = torch.round(w / scales).clamp_(-127, 127).to(torch.int8).view(n, k).contiguous()
+    return Q8Weight(qweight, scales[..., 0].to(torch.float16).contiguous())
+
+
 INT4_GROUP_SIZE = 32
 
 
@@ -47,6 +64,9 @@ class Int4Weight:
     packed: Tensor         # CPU: torch's int4pack layout; elsewhere (N, K) uint8 codes 0..15
     scales_zeros: Tensor   # (K // group, N, 2): w = (code - 8) * scale + zero, bf16 on CPU
     group_size: int
+    # CPU, group 32, K % 64 == 0: the same codes in the native kernel's layout (kernels/csrc/cpu_decode.cpp q4_linear):
+    q4_packed: Tensor | None = None      # (N, K // 2) uint8: groups in pairs, byte i = code_g[i] | code_g+1[i] << 4
+    q4_scale_min: Tensor | None = None   # (N, 2, K // 32) fp16: w = code * scale[g] + min[g]
 
 
 def int4_supported(weight: Tensor, group_size: int = INT4_GROUP_SIZE) -> bool:
@@ -66,7 +86,12 @@ def quantize_int4(weight: Tensor, group_size: int = INT4_GROUP_SIZE) -> Int4Weig
     scales_zeros = torch.stack([scale[..., 0].t(), (low + 8 * scale)[..., 0].t()], dim=-1)  # (G, N, 2)
     if weight.device.type == "cpu":
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-        return Int4Weight(packed, scales_zeros.to(torch.bfloat16).contiguous(), group_size)
+        result = Int4Weight(packed, scales_zeros.to(torch.bfloat16).contiguous(), group_size)
+        if group_size == 32 and k % 64 == 0:
+            pairs = codes.to(torch.uint8).view(n, k // 64, 2, 32)   # groups (2p, 2p + 1) share 32 bytes
+            result.q4_packed = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+            result.q4_scale_min = torch.stack([scale[..., 0], low[..., 0]], dim=1).to(torch.float16).contiguous()
+        return result
     return Int4Weight(codes.to(torch.uint8), scales_zeros.contiguous(), group_size)
 
 

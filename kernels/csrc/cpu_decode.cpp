@@ -15,9 +15,257 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <type_traits>
 #include <vector>
 
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#include <immintrin.h>
+#define BERTH_AVX2 1
+#endif
+
 namespace {
+
+// ---- weight-only int4 / int8 x int8-quantized activations (llama.cpp's Q4_1 / Q8_0 x Q8 scheme) ----
+// Each activation row is quantized per group of 32 inputs to int8 with a scale dx, so a group's dot
+// product is an integer multiply-add over 32 pairs (AVX2 maddubs + madd) scaled by weight scale * dx.
+// Small batches are bound by reading the weights: int4 reads 4.5 bits per weight, fp32 32.
+//
+// int4 layout, per weight row: groups in pairs (g, g + 1) of 32 bytes, byte i = code_g[i] |
+// code_{g+1}[i] << 4 (codes 0..15), so one load and two masks give both groups' codes; then
+// scale_min (N, 2, G) fp16: w = code * scale[g] + min[g].
+// int8 layout: qweight (N, K) and scales (N, G) fp16: w = code * scale[g].
+constexpr int64_t kGroup = 32;
+constexpr int64_t kTile = 4;       // activation rows per pass over a weight row
+constexpr int64_t kMaxGroups = 512;  // K <= 16384
+
+struct QuantizedRows {      // activations (M, K) as int8 per group of 32
+  std::vector<int8_t> q;    // (M, K)
+  std::vector<float> d;     // (M, G) scale
+  std::vector<float> s;     // (M, G) scale * sum(q)
+};
+
+QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k) {
+  const int64_t groups = k / kGroup;
+  QuantizedRows out{std::vector<int8_t>(rows * k), std::vector<float>(rows * groups),
+                    std::vector<float>(rows * groups)};
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* xg = x + r * k + g * kGroup;
+      float amax = 0.f;
+      for (int64_t i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(xg[i]));
+      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+      int8_t* qg = out.q.data() + r * k + g * kGroup;
+      int sum = 0;
+      for (int64_t i = 0; i < kGroup; ++i) {
+        qg[i] = static_cast<int8_t>(std::nearbyint(xg[i] * inv));
+        sum += qg[i];
+      }
+      out.d[r * groups + g] = d;
+      out.s[r * groups + g] = d * static_cast<float>(sum);
+    }
+  }
+  return out;
+}
+
+inline void halves_to_floats(const at::Half* src, float* dst, int64_t n) {
+  int64_t i = 0;
+#ifdef BERTH_AVX2
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+#ifdef BERTH_AVX2
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_hadd_ps(s, s);
+  s = _mm_hadd_ps(s, s);
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float total = 0.f;
+#ifdef BERTH_AVX2
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  total = hsum(acc);
+#endif
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// y += a * x
+inline void axpy(float a, const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+#ifdef BERTH_AVX2
+  const __m256 av = _mm256_set1_ps(a);
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+#endif
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+#ifdef BERTH_AVX2
+
+// 8 int32 partial sums of unsigned codes (0..127) x signed activations
+inline __m256 dot_u8s8(__m256i u, __m256i s) {
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+#endif
+
+// One int4 weight row against T activation rows (T <= kTile): out[t] = w . x[row0 + t].
+template <int T>
+void q4_row(const uint8_t* w, const at::Half* scale_min, const QuantizedRows& qx, int64_t k, int64_t row0,
+            float* out) {
+  const int64_t groups = k / kGroup;
+  float scale[kMaxGroups], mins[kMaxGroups], ds[T][kMaxGroups];
+  halves_to_floats(scale_min, scale, groups);
+  halves_to_floats(scale_min + groups, mins, groups);
+  float min_part[T];
+  for (int t = 0; t < T; ++t) {
+    const float* dx = qx.d.data() + (row0 + t) * groups;
+    for (int64_t g = 0; g < groups; ++g) ds[t][g] = scale[g] * dx[g];
+    min_part[t] = dot(mins, qx.s.data() + (row0 + t) * groups, groups);
+  }
+#ifdef BERTH_AVX2
+  const __m256i mask = _mm256_set1_epi8(0x0F);
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; g += 2) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 16));
+    const __m256i c0 = _mm256_and_si256(bytes, mask);
+    const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+    for (int t = 0; t < T; ++t) {
+      const int8_t* q = qx.q.data() + (row0 + t) * k + g * kGroup;
+      const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+      const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + kGroup));
+      acc[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&ds[t][g]), dot_u8s8(c0, q0), acc[t]);
+      acc[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&ds[t][g + 1]), dot_u8s8(c1, q1), acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]) + min_part[t];
+#else
+  for (int t = 0; t < T; ++t) {
+    const int8_t* q = qx.q.data() + (row0 + t) * k;
+    float total = 0.f;
+    for (int64_t g = 0; g < groups; g += 2) {
+      int dot0 = 0, dot1 = 0;
+      for (int64_t i = 0; i < kGroup; ++i) {
+        const uint8_t byte = w[g * 16 + i];
+        dot0 += (byte & 0x0F) * q[g * kGroup + i];
+        dot1 += (byte >> 4) * q[(g + 1) * kGroup + i];
+      }
+      total += ds[t][g] * static_cast<float>(dot0) + ds[t][g + 1] * static_cast<float>(dot1);
+    }
+    out[t] = total + min_part[t];
+  }
+#endif
+}
+
+// One int8 (group-32) weight row against T activation rows.
+template <int T>
+void q8_row(const int8_t* w, const at::Half* scales, const QuantizedRows& qx, int64_t k, int64_t row0,
+            float* out) {
+  const int64_t groups = k / kGroup;
+  float scale[kMaxGroups], ds[T][kMaxGroups];
+  halves_to_floats(scales, scale, groups);
+  for (int t = 0; t < T; ++t) {
+    const float* dx = qx.d.data() + (row0 + t) * groups;
+    for (int64_t g = 0; g < groups; ++g) ds[t][g] = scale[g] * dx[g];
+  }
+#ifdef BERTH_AVX2
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * kGroup));
+    const __m256i wabs = _mm256_sign_epi8(wv, wv);  // |w| is maddubs' unsigned operand, the sign moves to q
+    for (int t = 0; t < T; ++t) {
+      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.q.data() + (row0 + t) * k + g * kGroup));
+      acc[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&ds[t][g]), dot_u8s8(wabs, _mm256_sign_epi8(qv, wv)), acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]);
+#else
+  for (int t = 0; t < T; ++t) {
+    const int8_t* q = qx.q.data() + (row0 + t) * k;
+    float total = 0.f;
+    for (int64_t g = 0; g < groups; ++g) {
+      int dot = 0;
+      for (int64_t i = 0; i < kGroup; ++i) dot += w[g * kGroup + i] * q[g * kGroup + i];
+      total += ds[t][g] * static_cast<float>(dot);
+    }
+    out[t] = total;
+  }
+#endif
+}
+
+// y (M, N) = x (M, K) . W^T, `row(j, r, tile, out)` computing weight row j against rows r..r+tile-1.
+template <typename RowFn>
+at::Tensor quantized_linear(const at::Tensor& x, int64_t n, RowFn row) {
+  const int64_t rows = x.size(0);
+  at::Tensor y = at::empty({rows, n}, x.options());
+  float* y_p = y.data_ptr<float>();
+  at::parallel_for(0, n, 32, [&](int64_t begin, int64_t end) {
+    float out[kTile];
+    for (int64_t j = begin; j < end; ++j) {
+      for (int64_t r = 0; r < rows; r += kTile) {
+        const int64_t tile = std::min(kTile, rows - r);
+        row(j, r, tile, out);
+        for (int64_t t = 0; t < tile; ++t) y_p[(r + t) * n + j] = out[t];
+      }
+    }
+  });
+  return y;
+}
+
+template <typename Fn>
+inline void by_tile(int64_t tile, Fn fn) {
+  switch (tile) {
+    case 1: fn(std::integral_constant<int, 1>{}); break;
+    case 2: fn(std::integral_constant<int, 2>{}); break;
+    case 3: fn(std::integral_constant<int, 3>{}); break;
+    default: fn(std::integral_constant<int, 4>{}); break;
+  }
+}
+
+// x (M, K) fp32, qweight (N, K) int8, scales (N, K / 32) fp16 -> (M, N) fp32
+at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "q8_linear: x must be (M, K) fp32");
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous() &&
+              scales.scalar_type() == at::kHalf && scales.is_contiguous(), "q8_linear: bad weight");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t k = x.size(1), n = qweight.size(0), groups = k / kGroup;
+  TORCH_CHECK(k % kGroup == 0 && groups <= kMaxGroups && qweight.size(1) == k && scales.size(0) == n &&
+              scales.size(1) == groups, "q8_linear: shapes do not match");
+  const QuantizedRows qx = quantize_rows(x.data_ptr<float>(), x.size(0), k);
+  const int8_t* w_p = qweight.data_ptr<int8_t>();
+  const at::Half* s_p = scales.data_ptr<at::Half>();
+  return quantized_linear(x, n, [&](int64_t j, int64_t r, int64_t tile, float* out) {
+    by_tile(tile, [&](auto t) { q8_row<decltype(t)::value>(w_p + j * k, s_p + j * groups, qx, k, r, out); });
+  });
+}
+
+// x (M, K) fp32, packed (N, K / 2) uint8, scale_min (N, 2, K / 32) fp16 -> (M, N) fp32
+at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scale_min) {
+  TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "q4_linear: x must be (M, K) fp32");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
+              scale_min.scalar_type() == at::kHalf && scale_min.is_contiguous(), "q4_linear: bad weight");
+  const at::Tensor x = x_in.contiguous();
+  const int64_t k = x.size(1), n = packed.size(0), groups = k / kGroup;
+  TORCH_CHECK(k % (2 * kGroup) == 0 && groups <= kMaxGroups && packed.size(1) == k / 2 &&
+              scale_min.size(0) == n && scale_min.size(1) == 2 && scale_min.size(2) == groups,
+              "q4_linear: shapes do not match");
+  const QuantizedRows qx = quantize_rows(x.data_ptr<float>(), x.size(0), k);
+  const uint8_t* w_p = packed.data_ptr<uint8_t>();
+  const at::Half* dm_p = scale_min.data_ptr<at::Half>();
+  return quantized_linear(x, n, [&](int64_t j, int64_t r, int64_t tile, float* out) {
+    by_tile(tile, [&](auto t) { q4_row<decltype(t)::value>(w_p + j * (k / 2), dm_p + j * 2 * groups, qx, k, r, out); });
+  });
+}
 
 // A linear layer: the float weight (may be empty when quantized without keeping it) and, when
 // quantized, its int8 (qweight, scales) or int4 (packed, scales_zeros, group) form.
@@ -27,11 +275,14 @@ struct Linear {
   at::Tensor q0, q1;          // int8: qweight, scales; int4: packed, scales_zeros
   int64_t group = 0;
   at::Tensor bias;            // (N,) or undefined
+  at::Tensor q4_packed, q4_scale_min;  // int4 in q4_linear's layout, or undefined
 
-  at::Tensor operator()(const at::Tensor& x, int64_t quantized_max_rows) const {
+  at::Tensor operator()(const at::Tensor& x, int64_t quantized_max_rows, int64_t q4_max_rows) const {
     at::Tensor y;
     bool use_quant = quant != 0 && (x.size(0) <= quantized_max_rows || weight.numel() == 0);
-    if (use_quant && quant == 2) {
+    if (use_quant && q4_packed.defined() && x.size(0) <= q4_max_rows) {
+      y = q4_linear(x, q4_packed, q4_scale_min);
+    } else if (use_quant && quant == 2) {
       y = at::_weight_int4pack_mm_for_cpu(x.to(at::kBFloat16), q0, group, q1).to(at::kFloat);
     } else if (use_quant && quant == 1) {
       y = at::_weight_int8pack_mm(x.to(at::kBFloat16), q0, q1).to(at::kFloat);
@@ -44,7 +295,7 @@ struct Linear {
 };
 
 Linear make_linear(py::tuple t) {
-  // (weight, quant, q0, q1, group, bias): None where absent
+  // (weight, quant, q0, q1, group, bias, q4_packed, q4_scale_min): None where absent
   Linear lin;
   lin.weight = t[0].cast<at::Tensor>();
   lin.quant = t[1].cast<int64_t>();
@@ -54,6 +305,10 @@ Linear make_linear(py::tuple t) {
     lin.group = t[4].cast<int64_t>();
   }
   if (!t[5].is_none()) lin.bias = t[5].cast<at::Tensor>();
+  if (!t[6].is_none()) {
+    lin.q4_packed = t[6].cast<at::Tensor>();
+    lin.q4_scale_min = t[7].cast<at::Tensor>();
+  }
   return lin;
 }
 
@@ -106,7 +361,8 @@ class DecodeModel {
   // quantized_max_rows as models/llama.py's QUANTIZED_MAX_ROWS. Writes each layer's new K/V into the caches and returns the last residual sum (B, H), to which
   // the caller applies the final norm.
   at::Tensor forward(at::Tensor x, at::Tensor positions, at::Tensor cos_sin, py::list kv_caches,
-                     at::Tensor block_tables, at::Tensor context_lens, int64_t quantized_max_rows) {
+                     at::Tensor block_tables, at::Tensor context_lens, int64_t quantized_max_rows,
+                     int64_t q4_max_rows) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be (B, H) fp32");
     TORCH_CHECK(static_cast<size_t>(kv_caches.size()) == layers_.size(), "one (k, v) cache per layer");
     TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
@@ -115,6 +371,7 @@ class DecodeModel {
                 cos_sin.is_contiguous(), "positions int64, cos_sin contiguous fp32");
     at::NoGradGuard no_grad;
     quantized_max_rows_ = quantized_max_rows;
+    q4_max_rows_ = q4_max_rows;
     const int64_t batch = x.size(0), hidden = x.size(1);
     const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, half = D / 2;
     const int64_t qkv_width = (Hq + 2 * Hkv) * D;
@@ -147,7 +404,7 @@ class DecodeModel {
       for (int64_t b = 0; b < batch; ++b)
         rms_norm_row(res_p + b * hidden, w_in, nrm_p + b * hidden, hidden, eps_);
 
-      at::Tensor qkv = L.qkv(normed, quantized_max_rows_).contiguous();  // (B, (Hq + 2Hkv) D)
+      at::Tensor qkv = L.qkv(normed, quantized_max_rows_, q4_max_rows_).contiguous();  // (B, (Hq + 2Hkv) D)
       float* qkv_p = qkv.data_ptr<float>();
       for (int64_t b = 0; b < batch; ++b) {
         float* row = qkv_p + b * qkv_width;
@@ -170,13 +427,13 @@ class DecodeModel {
       decode_attention(qkv_p, qkv_width, kc, vc, bt_p, max_blocks, cl_p, block_size, batch, scale,
                        attn.data_ptr<float>());
 
-      at::Tensor o = L.o(attn, quantized_max_rows_).contiguous();  // (B, H)
+      at::Tensor o = L.o(attn, quantized_max_rows_, q4_max_rows_).contiguous();  // (B, H)
       residual.add_(o);
       const float* w_post = L.post_norm.data_ptr<float>();
       for (int64_t b = 0; b < batch; ++b)
         rms_norm_row(res_p + b * hidden, w_post, nrm_p + b * hidden, hidden, eps_);
 
-      at::Tensor gu = L.gate_up(normed, quantized_max_rows_).contiguous();  // (B, 2I)
+      at::Tensor gu = L.gate_up(normed, quantized_max_rows_, q4_max_rows_).contiguous();  // (B, 2I)
       const int64_t inter = gu.size(1) / 2;
       at::Tensor act = at::empty({batch, inter}, x.options());
       const float* gu_p = gu.data_ptr<float>();
@@ -187,7 +444,7 @@ class DecodeModel {
         float* a = act_p + b * inter;
         for (int64_t i = 0; i < inter; ++i) a[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
       }
-      residual.add_(L.down(act, quantized_max_rows_));
+      residual.add_(L.down(act, quantized_max_rows_, q4_max_rows_));
     }
     return residual;
   }
@@ -209,12 +466,7 @@ class DecodeModel {
         for (int64_t j = 0; j < len; ++j) {
           const int64_t slot = static_cast<int64_t>(bt[b * max_blocks + j / block_size]) * block_size + j % block_size;
           const float* k = kc + (slot * Hkv + h) * D;
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qg = q + g * D;
-            float dot = 0.f;
-            for (int64_t d = 0; d < D; ++d) dot += qg[d] * k[d];
-            scores[g * len + j] = dot * scale;
-          }
+          for (int64_t g = 0; g < group; ++g) scores[g * len + j] = dot(q + g * D, k, D) * scale;
         }
         for (int64_t g = 0; g < group; ++g) {
           float* s = scores.data() + g * len;
@@ -228,11 +480,7 @@ class DecodeModel {
         for (int64_t j = 0; j < len; ++j) {
           const int64_t slot = static_cast<int64_t>(bt[b * max_blocks + j / block_size]) * block_size + j % block_size;
           const float* v = vc + (slot * Hkv + h) * D;
-          for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * len + j];
-            float* a = acc.data() + g * D;
-            for (int64_t d = 0; d < D; ++d) a[d] += p * v[d];
-          }
+          for (int64_t g = 0; g < group; ++g) axpy(scores[g * len + j], v, acc.data() + g * D, D);
         }
         std::copy(acc.begin(), acc.end(), out + (b * Hq + h * group) * D);
       }
@@ -242,7 +490,7 @@ class DecodeModel {
   std::vector<Layer> layers_;
   int64_t num_heads_, num_kv_heads_, head_dim_;
   float eps_;
-  int64_t quantized_max_rows_ = 0;
+  int64_t quantized_max_rows_ = 0, q4_max_rows_ = 0;
 };
 
 }  // namespace
@@ -251,4 +499,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecodeModel>(m, "DecodeModel")
       .def(py::init<py::list, int64_t, int64_t, int64_t, double>())
       .def("forward", &DecodeModel::forward);
+  m.def("q8_linear", &q8_linear, "x (M, K) fp32 @ int8 weight ((N, K), (N, K/32) fp16 scales) -> (M, N)");
+  m.def("q4_linear", &q4_linear, "x (M, K) fp32 @ int4 weight (N, K/2 packed, (N, K/32, 2) fp16) -> (M, N)");
 }

@@ -50,10 +50,55 @@ def test_native_decode_matches_pytorch_path(checkpoint, quantization):  # noqa: 
     expected = decode_step(model, ref_caches, use_native=False)
     got = decode_step(model, nat_caches, use_native=True)
     assert model._native is not None, "the decode step did not take the native path"
-    torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
-    for (k_ref, v_ref), (k_nat, v_nat) in zip(ref_caches, nat_caches):
-        torch.testing.assert_close(k_nat, k_ref, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(v_nat, v_ref, atol=1e-5, rtol=1e-5)
+    if quantization != "int4":
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
+        for (k_ref, v_ref), (k_nat, v_nat) in zip(ref_caches, nat_caches):
+            torch.testing.assert_close(k_nat, k_ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v_nat, v_ref, atol=1e-5, rtol=1e-5)
+    else:  # the native int4 kernel also rounds the activations to int8 per group of 32 (q4_linear below)
+        assert torch.nn.functional.cosine_similarity(got, expected, dim=1).min() > 0.999
+        for (k_ref, _), (k_nat, _) in zip(ref_caches, nat_caches):
+            assert torch.nn.functional.cosine_similarity(k_nat.flatten(), k_ref.flatten(), dim=0) > 0.999
+
+
+def quantized_activations(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the kernels round it: int8 per group of 32 with scale max|x| / 127."""
+    groups = x.view(x.shape[0], -1, 32)
+    scale = groups.abs().amax(dim=-1, keepdim=True) / 127
+    return (torch.round(groups / torch.where(scale > 0, scale, 1)) * scale).view_as(x)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+def test_q4_and_q8_kernels_match_the_dequantized_product(extension, rows):
+    """The AVX2 int4 / int8 kernels equal (rounded activations) @ (dequantized weight)^T, for every
+    tile size (4 activation rows per pass) and a remainder."""
+    from kernels.quant import quantize_int4, quantize_q8
+    torch.manual_seed(rows)
+    weight, x = torch.randn(96, 192) * 0.05, torch.randn(rows, 192)
+    x[0, :32] = 0  # an all-zero group
+    xq = quantized_activations(x)
+    q4 = quantize_int4(weight)
+    codes = torch.cat([(q4.q4_packed & 15).view(96, -1, 32), (q4.q4_packed >> 4).view(96, -1, 32)], dim=2)
+    scale, low = q4.q4_scale_min.float().unbind(1)  # (N, G) each
+    w4 = (codes.view(96, -1, 32).float() * scale[..., None] + low[..., None]).view(96, 192)
+    torch.testing.assert_close(extension.q4_linear(x, q4.q4_packed, q4.q4_scale_min), xq @ w4.t(),
+                               atol=1e-4, rtol=1e-4)
+    assert (w4 - weight).abs().max() < 0.05 * 2 * 4.5 / 15  # half a step of the widest group range
+    q8 = quantize_q8(weight)
+    w8 = (q8.qweight.view(96, -1, 32).float() * q8.scales.float()[..., None]).view(96, 192)
+    torch.testing.assert_close(extension.q8_linear(x, q8.qweight, q8.scales), xq @ w8.t(), atol=1e-4, rtol=1e-4)
+    assert (w8 - weight).abs().max() <= q8.scales.float().max() / 2 + 1e-6
+
+
+def test_q4_and_q8_kernels_refuse_bad_input(extension):
+    from kernels.quant import quantize_int4, quantize_q8
+    q4, q8 = quantize_int4(torch.randn(32, 128)), quantize_q8(torch.randn(32, 128))
+    with pytest.raises(RuntimeError, match="shapes"):
+        extension.q4_linear(torch.randn(2, 64), q4.q4_packed, q4.q4_scale_min)
+    with pytest.raises(RuntimeError, match="fp32"):
+        extension.q8_linear(torch.randn(2, 128).double(), q8.qweight, q8.scales)
+    with pytest.raises(RuntimeError, match="bad weight"):
+        extension.q8_linear(torch.randn(2, 128), q8.qweight.float(), q8.scales)
 
 
 def test_native_decode_is_used_only_for_pure_decode_fp32(checkpoint):  # noqa: F811
@@ -79,12 +124,12 @@ def test_native_decode_checks_its_inputs(checkpoint, extension):  # noqa: F811
     cos_sin = model.model.rotary_emb.cos_sin_cache
     table, lens = torch.tensor([[0]], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="int32"):
-        decoder.forward(x, torch.tensor([0]), cos_sin, caches, table.long(), lens, 16)
+        decoder.forward(x, torch.tensor([0]), cos_sin, caches, table.long(), lens, 16, 16)
     with pytest.raises(RuntimeError, match="fp32"):
-        decoder.forward(x.double(), torch.tensor([0]), cos_sin, caches, table, lens, 16)
+        decoder.forward(x.double(), torch.tensor([0]), cos_sin, caches, table, lens, 16, 16)
     with pytest.raises(RuntimeError, match="per layer"):
-        decoder.forward(x, torch.tensor([0]), cos_sin, caches[:1], table, lens, 16)
-    assert decoder.forward(x, torch.tensor([0]), cos_sin, caches, table, lens, 16).shape == x.shape
+        decoder.forward(x, torch.tensor([0]), cos_sin, caches[:1], table, lens, 16, 16)
+    assert decoder.forward(x, torch.tensor([0]), cos_sin, caches, table, lens, 16, 16).shape == x.shape
 
 
 def test_disabled_by_environment(monkeypatch):

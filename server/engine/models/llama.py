@@ -17,7 +17,7 @@ from torch import Tensor, nn
 import kernels
 from kernels import native
 from kernels.quant import (Int4Weight, Int8Weight, int4_linear, int4_supported, int8_linear, quantize_int4,
-                           quantize_int8)
+                           quantize_int8, quantize_q8)
 from kernels.metadata import AttentionMetadata
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
@@ -54,6 +54,9 @@ def head_dim_of(config) -> int:
 # int8/int4 kernels top out at ~55 GFLOP/s while fp32 GEMM reaches ~100, so quantized weights only
 # pay while a product is bound by reading the weights (bench/README.md, "Quantized decode").
 QUANTIZED_MAX_ROWS = 40
+# The native decode step multiplies int4 weights with its own kernel (int8 activations, AVX2) up to
+# this many rows, and with torch's int4 kernel above (kernels/csrc/cpu_decode.cpp).
+NATIVE_Q4_MAX_ROWS = 16
 
 
 class Linear(nn.Module):
@@ -259,7 +262,8 @@ class LlamaForCausalLM(nn.Module):
         decoder = self._native_decoder(x, meta, kv_caches)
         if decoder is not None:
             h = decoder.forward(x, positions, self.model.rotary_emb.cos_sin_cache, kv_caches,
-                                meta.block_tables, meta.context_lens, QUANTIZED_MAX_ROWS)  # (T, hidden)
+                                meta.block_tables, meta.context_lens, QUANTIZED_MAX_ROWS,
+                                NATIVE_Q4_MAX_ROWS)  # (T, hidden)
             return self.model.norm(h)
         cos, sin = self.model.rotary_emb.lookup(positions)  # (T, 1, D/2), shared by every layer
         residual = None
@@ -270,14 +274,16 @@ class LlamaForCausalLM(nn.Module):
 
     def quantize(self, method: str = "int8", keep_float: bool = True) -> None:
         """Weight-only int8 or int4 for every linear layer. The output layer is int8 either way (as
-        llama.cpp keeps it at higher precision than the Q4 layers); the embedding table used for
-        lookups stays in float. keep_float: see Linear.quantize."""
+        llama.cpp keeps it at higher precision than the Q4 layers): per row for torch's kernel, and per
+        group of 32 (Q8_0, what the default GGUF stores) for the native kernel; the embedding table used
+        for lookups stays in float. keep_float: see Linear.quantize."""
         assert method in ("int8", "int4"), method
         self._native = None  # rebuilt with the quantized weights
         for module in self.modules():
             if isinstance(module, Linear):
                 module.quantize(method, keep_float)
         self._lm_head_int8 = quantize_int8(self.lm_head.weight)
+        self._lm_head_q8 = quantize_q8(self.lm_head.weight) if self.lm_head.weight.shape[1] % 32 == 0 else None
 
     def _native_decoder(self, x: Tensor, meta: AttentionMetadata, kv_caches: list[tuple[Tensor, Tensor]]):
         """The C++ decoder when this step can use it: only decode rows, fp32 on the CPU, extension built."""
@@ -297,6 +303,10 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: Tensor) -> Tensor:
+        if getattr(self, "_lm_head_q8", None) is not None and hidden.shape[0] <= QUANTIZED_MAX_ROWS:
+            ext = native.load() if self.native_decode and hidden.dtype == torch.float32 else None
+            if ext is not None and hidden.device.type == "cpu":
+                return ext.q8_linear(hidden, self._lm_head_q8.qweight, self._lm_head_q8.scales)  # (B, vocab)
         if getattr(self, "_lm_head_int8", None) is not None and hidden.shape[0] <= QUANTIZED_MAX_ROWS:
             return int8_linear(hidden, self._lm_head_int8).float()  # (B, vocab)
         if hidden.shape[0] <= 4 and hidden.device.type == "cpu":
@@ -313,13 +323,14 @@ class LlamaForCausalLM(nn.Module):
 
 
 def _native_linear(linear: Linear) -> tuple:
-    """(weight, quant 0|1|2, q0, q1, group, bias) as kernels/csrc/cpu_decode.cpp reads a Linear."""
+    """(weight, quant 0|1|2, q0, q1, group, bias, q4_packed, q4_scale_min) as kernels/csrc/cpu_decode.cpp
+    reads a Linear."""
     if linear.int4 is not None:
         q = linear.int4
-        return linear.weight, 2, q.packed, q.scales_zeros, q.group_size, linear.bias
+        return linear.weight, 2, q.packed, q.scales_zeros, q.group_size, linear.bias, q.q4_packed, q.q4_scale_min
     if linear.int8 is not None:
-        return linear.weight, 1, linear.int8.qweight, linear.int8.scales, 0, linear.bias
-    return linear.weight, 0, None, None, 0, linear.bias
+        return linear.weight, 1, linear.int8.qweight, linear.int8.scales, 0, linear.bias, None, None
+    return linear.weight, 0, None, None, 0, linear.bias, None, None
 
 
 def _native_layer(layer: DecoderLayer) -> tuple:
