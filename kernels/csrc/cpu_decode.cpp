@@ -369,6 +369,13 @@ class DecodeModel {
                 "block_tables and context_lens must be int32");
     TORCH_CHECK(positions.scalar_type() == at::kLong && cos_sin.scalar_type() == at::kFloat &&
                 cos_sin.is_contiguous(), "positions int64, cos_sin contiguous fp32");
+    std::vector<std::pair<at::Tensor, at::Tensor>> caches;
+    for (auto item : kv_caches) {
+      py::tuple kv = item.cast<py::tuple>();
+      caches.emplace_back(kv[0].cast<at::Tensor>(), kv[1].cast<at::Tensor>());
+    }
+    // Python objects are not touched below: let the server's event loop run while the step computes
+    py::gil_scoped_release no_gil;
     at::NoGradGuard no_grad;
     quantized_max_rows_ = quantized_max_rows;
     q4_max_rows_ = q4_max_rows;
@@ -393,8 +400,8 @@ class DecodeModel {
 
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& L = layers_[li];
-      py::tuple kv = kv_caches[li].cast<py::tuple>();
-      at::Tensor k_cache = kv[0].cast<at::Tensor>(), v_cache = kv[1].cast<at::Tensor>();
+      const at::Tensor& k_cache = caches[li].first;
+      const at::Tensor& v_cache = caches[li].second;
       TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous(), "fp32 contiguous KV cache");
       const int64_t block_size = k_cache.size(1);
       float* kc = k_cache.data_ptr<float>();
@@ -499,6 +506,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecodeModel>(m, "DecodeModel")
       .def(py::init<py::list, int64_t, int64_t, int64_t, double>())
       .def("forward", &DecodeModel::forward);
-  m.def("q8_linear", &q8_linear, "x (M, K) fp32 @ int8 weight ((N, K), (N, K/32) fp16 scales) -> (M, N)");
-  m.def("q4_linear", &q4_linear, "x (M, K) fp32 @ int4 weight (N, K/2 packed, (N, K/32, 2) fp16) -> (M, N)");
+  m.def("q8_linear", &q8_linear, py::call_guard<py::gil_scoped_release>(), "x (M, K) fp32 @ int8 weight ((N, K), (N, K/32) fp16 scales) -> (M, N)");
+  m.def("q4_linear", &q4_linear, py::call_guard<py::gil_scoped_release>(),
+        "x (M, K) fp32 @ int4 weight (N, K/2 packed, (N, 2, K/32) fp16) -> (M, N)");
 }
