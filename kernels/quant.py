@@ -39,6 +39,9 @@ def int8_linear(x: Tensor, weight: Int8Weight, bias: Tensor | None = None) -> Te
     return y if bias is None else y + bias
 
 
+NATIVE_MAX_K = 65536   # the native kernels' largest input width (kMaxGroups * 32 in cpu_decode.cpp)
+
+
 @dataclass(slots=True)
 class Q8Weight:
     """int8 per group of 32 inputs (llama.cpp's Q8_0), for the native kernel q8_linear."""
@@ -87,7 +90,7 @@ def quantize_int4(weight: Tensor, group_size: int = INT4_GROUP_SIZE) -> Int4Weig
     if weight.device.type == "cpu":
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
         result = Int4Weight(packed, scales_zeros.to(torch.bfloat16).contiguous(), group_size)
-        if group_size == 32 and k % 64 == 0:
+        if group_size == 32 and k % 64 == 0 and k <= NATIVE_MAX_K:
             pairs = codes.to(torch.uint8).view(n, k // 64, 2, 32)   # groups (2p, 2p + 1) share 32 bytes
             result.q4_packed = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
             result.q4_scale_min = torch.stack([scale[..., 0], low[..., 0]], dim=1).to(torch.float16).contiguous()

@@ -37,7 +37,7 @@ namespace {
 // int8 layout: qweight (N, K) and scales (N, G) fp16: w = code * scale[g].
 constexpr int64_t kGroup = 32;
 constexpr int64_t kTile = 4;       // activation rows per pass over a weight row
-constexpr int64_t kMaxGroups = 512;  // K <= 16384
+constexpr int64_t kMaxGroups = 2048;  // K <= 65536 (kernels/quant.py NATIVE_MAX_K)
 
 struct QuantizedRows {      // activations (M, K) as int8 per group of 32
   std::vector<int8_t> q;    // (M, K)

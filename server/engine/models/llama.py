@@ -16,8 +16,8 @@ from torch import Tensor, nn
 
 import kernels
 from kernels import native
-from kernels.quant import (Int4Weight, Int8Weight, int4_linear, int4_supported, int8_linear, quantize_int4,
-                           quantize_int8, quantize_q8)
+from kernels.quant import (NATIVE_MAX_K, Int4Weight, Int8Weight, int4_linear, int4_supported, int8_linear,
+                           quantize_int4, quantize_int8, quantize_q8)
 from kernels.metadata import AttentionMetadata
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
@@ -283,7 +283,8 @@ class LlamaForCausalLM(nn.Module):
             if isinstance(module, Linear):
                 module.quantize(method, keep_float)
         self._lm_head_int8 = quantize_int8(self.lm_head.weight)
-        self._lm_head_q8 = quantize_q8(self.lm_head.weight) if self.lm_head.weight.shape[1] % 32 == 0 else None
+        hidden = self.lm_head.weight.shape[1]
+        self._lm_head_q8 = quantize_q8(self.lm_head.weight) if hidden % 32 == 0 and hidden <= NATIVE_MAX_K else None
 
     def _native_decoder(self, x: Tensor, meta: AttentionMetadata, kv_caches: list[tuple[Tensor, Tensor]]):
         """The C++ decoder when this step can use it: only decode rows, fp32 on the CPU, extension built."""
