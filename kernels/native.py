@@ -5,12 +5,13 @@
 
 The source is compiled by torch.utils.cpp_extension with -march=native on the machine that runs it
 (about 50 s on 2 cores, once; later loads take well under a second) into
-$BERTH_CACHE/torch_extensions/cpu_decode. `python -m kernels.native` builds it ahead of time (make
-does so before serving or testing). BERTH_NATIVE=0 disables it: every step then runs the PyTorch path,
+$BERTH_CACHE/torch_extensions/cpu_decode-<CPU fingerprint>. `python -m kernels.native` builds it ahead of
+time (make does so before serving or testing). BERTH_NATIVE=0 disables it: every step then runs the PyTorch path,
 which is also the oracle the tests compare the extension against.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -30,9 +31,22 @@ def enabled() -> bool:
 
 
 def build_dir() -> Path:
+    """One build per CPU feature set: a -march=native binary from another CPU could die with SIGILL
+    (a cache directory shared between machines)."""
     # NOTE: same default as server.model_store.cache_dir(); kernels/ does not import server/.
     cache = Path(os.environ.get("BERTH_CACHE") or Path.home() / ".cache" / "berth")
-    return cache / "torch_extensions" / "cpu_decode"
+    return cache / "torch_extensions" / f"cpu_decode-{cpu_fingerprint()}"
+
+
+def cpu_fingerprint() -> str:
+    """Short hash of the CPU model and instruction-set flags (Linux /proc/cpuinfo; the machine type elsewhere)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        text = "\n".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
+    except OSError:
+        import platform
+        text = platform.machine() + platform.processor()
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def load():

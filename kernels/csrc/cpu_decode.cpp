@@ -37,6 +37,7 @@ namespace {
 // int8 layout: qweight (N, K) and scales (N, G) fp16: w = code * scale[g].
 constexpr int64_t kGroup = 32;
 constexpr int64_t kTile = 4;       // activation rows per pass over a weight row
+constexpr int64_t kPrefetchBytes = 1024;  // software prefetch distance in the int4 weight stream
 constexpr int64_t kMaxGroups = 2048;  // K <= 65536 (kernels/quant.py NATIVE_MAX_K)
 
 struct QuantizedRows {      // activations (M, K) as int8 per group of 32
@@ -136,6 +137,7 @@ void q4_row(const uint8_t* w, const at::Half* scale_min, const QuantizedRows& qx
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; g += 2) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + g * 16) + kPrefetchBytes, _MM_HINT_T0);
     const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 16));
     const __m256i c0 = _mm256_and_si256(bytes, mask);
     const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);

@@ -136,3 +136,13 @@ def test_disabled_by_environment(monkeypatch):
     monkeypatch.setenv("BERTH_NATIVE", "0")
     monkeypatch.setattr(native, "_module", native._UNTRIED)
     assert native.load() is None
+
+
+def test_build_directory_is_per_cpu(monkeypatch, tmp_path):
+    """A -march=native build is only reused on a CPU with the same model and instruction-set flags."""
+    monkeypatch.setenv("BERTH_CACHE", str(tmp_path))
+    first = native.build_dir()
+    assert first.parent == tmp_path / "torch_extensions" and first.name.startswith("cpu_decode-")
+    assert native.build_dir() == first
+    monkeypatch.setattr(native, "cpu_fingerprint", lambda: "othercpu")
+    assert native.build_dir() != first
