@@ -337,6 +337,83 @@ inline void rope_row(float* x, const float* cos, const float* sin, int64_t half)
   }
 }
 
+// ---- decode attention helpers: one query head against `len` cached keys at `offsets` -------------
+#ifdef BERTH_AVX2
+// e^x for 8 floats (Cephes' polynomial, relative error ~2e-7 over the softmax range)
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.3762626647949f)), _mm256_set1_ps(-87.0f));
+  __m256 n = _mm256_round_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)),
+                             _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201e-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.f)));
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(pow2));
+}
+
+// the 8 horizontal sums of a[0..7], in order
+inline __m256 reduce8(const __m256* a) {
+  const __m256 h0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 h4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
+}
+#endif
+
+// s[j] = scale * q . k_j
+inline void attention_scores(const float* q, const float* kc, const int64_t* offsets, int64_t len, int64_t D,
+                             float scale, float* s) {
+  int64_t j = 0;
+#ifdef BERTH_AVX2
+  if (D % 8 == 0) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    for (; j + 8 <= len; j += 8) {
+      __m256 acc[8];
+      for (int t = 0; t < 8; ++t) {
+        const float* k = kc + offsets[j + t];
+        __m256 a = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
+        for (int64_t d = 8; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a);
+        acc[t] = a;
+      }
+      _mm256_storeu_ps(s + j, _mm256_mul_ps(reduce8(acc), sc));
+    }
+  }
+#endif
+  for (; j < len; ++j) s[j] = dot(q, kc + offsets[j], D) * scale;
+}
+
+// s = softmax(s) in place (max-subtracted)
+inline void softmax(float* s, int64_t n) {
+  const float mx = *std::max_element(s, s + n);
+  float total = 0.f;
+  int64_t j = 0;
+#ifdef BERTH_AVX2
+  const __m256 m = _mm256_set1_ps(mx);
+  __m256 sum = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + j), m));
+    _mm256_storeu_ps(s + j, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  total = hsum(sum);
+#endif
+  for (; j < n; ++j) { s[j] = std::exp(s[j] - mx); total += s[j]; }
+  const float inv = 1.f / total;
+  for (j = 0; j < n; ++j) s[j] *= inv;
+}
+
+// out = sum_j p[j] * v_j
+inline void weighted_values(const float* p, const float* vc, const int64_t* offsets, int64_t len, int64_t D,
+                            float* out) {
+  std::fill(out, out + D, 0.f);
+  for (int64_t j = 0; j < len; ++j) axpy(p[j], vc + offsets[j], out, D);
+}
+
 class DecodeModel {
  public:
   DecodeModel(py::list layers, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps)
@@ -467,31 +544,22 @@ class DecodeModel {
     const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, group = Hq / Hkv;
     at::parallel_for(0, batch * Hkv, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
-      std::vector<float> acc(group * D);
+      std::vector<int64_t> offsets;  // each key's (and value's) offset in the cache
       for (int64_t idx = begin; idx < end; ++idx) {
         const int64_t b = idx / Hkv, h = idx % Hkv, len = cl[b];
         const float* q = qkv + b * qkv_width + h * group * D;  // this kv head's `group` query heads
-        scores.assign(group * len, 0.f);
+        offsets.resize(len);
         for (int64_t j = 0; j < len; ++j) {
           const int64_t slot = static_cast<int64_t>(bt[b * max_blocks + j / block_size]) * block_size + j % block_size;
-          const float* k = kc + (slot * Hkv + h) * D;
-          for (int64_t g = 0; g < group; ++g) scores[g * len + j] = dot(q + g * D, k, D) * scale;
+          offsets[j] = (slot * Hkv + h) * D;
         }
+        scores.resize(group * len);
         for (int64_t g = 0; g < group; ++g) {
           float* s = scores.data() + g * len;
-          const float mx = *std::max_element(s, s + len);
-          float total = 0.f;
-          for (int64_t j = 0; j < len; ++j) { s[j] = std::exp(s[j] - mx); total += s[j]; }
-          const float inv = 1.f / total;
-          for (int64_t j = 0; j < len; ++j) s[j] *= inv;
+          attention_scores(q + g * D, kc, offsets.data(), len, D, scale, s);
+          softmax(s, len);
+          weighted_values(s, vc, offsets.data(), len, D, out + (b * Hq + h * group + g) * D);
         }
-        std::fill(acc.begin(), acc.end(), 0.f);
-        for (int64_t j = 0; j < len; ++j) {
-          const int64_t slot = static_cast<int64_t>(bt[b * max_blocks + j / block_size]) * block_size + j % block_size;
-          const float* v = vc + (slot * Hkv + h) * D;
-          for (int64_t g = 0; g < group; ++g) axpy(scores[g * len + j], v, acc.data() + g * D, D);
-        }
-        std::copy(acc.begin(), acc.end(), out + (b * Hq + h * group) * D);
       }
     });
   }
