@@ -52,7 +52,7 @@ def head_dim_of(config) -> int:
 # A quantized layer multiplies at most this many rows with its int8/int4 weight and larger inputs
 # (prefill chunks, big decode batches) with the float weight it keeps. NOTE: on this CPU torch's
 # int8/int4 kernels top out at ~55 GFLOP/s while fp32 GEMM reaches ~100, so quantized weights only
-# pay while a product is bound by reading the weights (bench/README.md, "Quantized decode").
+# pay while a product is bound by reading the weights (bench/README.md, "Session 3: the native C++ decode step").
 QUANTIZED_MAX_ROWS = 40
 # The native decode step multiplies int4 weights with its own kernel (int8 activations, AVX2) up to
 # this many rows, and with torch's int4 kernel above (kernels/csrc/cpu_decode.cpp).
