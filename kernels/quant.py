@@ -44,19 +44,27 @@ NATIVE_MAX_K = 65536   # the native kernels' largest input width (kMaxGroups * 3
 
 @dataclass(slots=True)
 class Q8Weight:
-    """int8 per group of 32 inputs (llama.cpp's Q8_0), for the native kernel q8_linear."""
-    qweight: Tensor   # (N, K) int8
-    scales: Tensor    # (N, K // 32) fp16: w = qweight * scale
+    """int8 per group of 32 inputs (llama.cpp's Q8_0) in the native kernel q8_linear's layout: rows in
+    blocks of 8 (zero rows pad N to a multiple of 8), vector v of block b and group g holds inputs
+    32g + 4v .. 32g + 4v + 3 of each of its 8 rows (byte 4i + e of row 8b + i)."""
+    qweight: Tensor   # (ceil(N / 8), K // 32, 8, 32) int8
+    scales: Tensor    # (ceil(N / 8), K // 32, 8) fp16: w = qweight * scale
+    out_features: int  # N: q8_linear's output columns beyond it are padding
 
 
 def quantize_q8(weight: Tensor) -> Q8Weight:
     """Symmetric per-group quantization, groups of 32 inputs: exact for a weight that was Q8_0."""
     n, k = weight.shape
     assert k % 32 == 0, "q8 needs K % 32 == 0"
-    w = weight.detach().float().view(n, k // 32, 32)
+    padded = -(-n // 8) * 8
+    w = torch.zeros(padded, k // 32, 32)
+    w[:n] = weight.detach().float().view(n, k // 32, 32)
     scales = (w.abs().amax(dim=-1, keepdim=True) / 127.0).to(torch.float16).float().clamp(min=1e-10)
-    qweight = torch.round(w / scales).clamp_(-127, 127).to(torch.int8).view(n, k).contiguous()
-    return Q8Weight(qweight, scales[..., 0].to(torch.float16).contiguous())
+    codes = torch.round(w / scales).clamp_(-127, 127).to(torch.int8)                 # (N', G, 32)
+    blocks, groups = padded // 8, k // 32
+    qweight = codes.view(blocks, 8, groups, 8, 4).permute(0, 2, 3, 1, 4).reshape(blocks, groups, 8, 32)
+    block_scales = scales[..., 0].view(blocks, 8, groups).permute(0, 2, 1)
+    return Q8Weight(qweight.contiguous(), block_scales.to(torch.float16).contiguous(), n)
 
 
 INT4_GROUP_SIZE = 32
@@ -67,9 +75,9 @@ class Int4Weight:
     packed: Tensor         # CPU: torch's int4pack layout; elsewhere (N, K) uint8 codes 0..15
     scales_zeros: Tensor   # (K // group, N, 2): w = (code - 8) * scale + zero, bf16 on CPU
     group_size: int
-    # CPU, group 32, K % 64 == 0: the same codes in the native kernel's layout (kernels/csrc/cpu_decode.cpp q4_linear):
-    q4_packed: Tensor | None = None      # (N, K // 2) uint8: groups in pairs, byte i = code_g[i] | code_g+1[i] << 4
-    q4_scale_min: Tensor | None = None   # (N, 2, K // 32) fp16: w = code * scale[g] + min[g]
+    # CPU, group 32, N % 8 == 0: the same codes in the native kernel's layout (kernels/csrc/cpu_decode.cpp q4_linear):
+    q4_packed: Tensor | None = None      # (N // 8, K // 32, 4, 32) uint8: 8 rows x 4 inputs per 32 bytes, see pack_q4
+    q4_scale_min: Tensor | None = None   # (N // 8, K // 32, 2, 8) fp16: w = code * scale + min
 
 
 def int4_supported(weight: Tensor, group_size: int = INT4_GROUP_SIZE) -> bool:
@@ -90,12 +98,24 @@ def quantize_int4(weight: Tensor, group_size: int = INT4_GROUP_SIZE) -> Int4Weig
     if weight.device.type == "cpu":
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
         result = Int4Weight(packed, scales_zeros.to(torch.bfloat16).contiguous(), group_size)
-        if group_size == 32 and k % 64 == 0 and k <= NATIVE_MAX_K:
-            pairs = codes.to(torch.uint8).view(n, k // 64, 2, 32)   # groups (2p, 2p + 1) share 32 bytes
-            result.q4_packed = (pairs[:, :, 0] | (pairs[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-            result.q4_scale_min = torch.stack([scale[..., 0], low[..., 0]], dim=1).to(torch.float16).contiguous()
+        if group_size == 32 and k <= NATIVE_MAX_K:  # N % 8 == 0 holds: int4 needs N % 16 == 0
+            result.q4_packed, result.q4_scale_min = pack_q4(codes.to(torch.uint8), scale[..., 0], low[..., 0])
         return result
     return Int4Weight(codes.to(torch.uint8), scales_zeros.contiguous(), group_size)
+
+
+def pack_q4(codes: Tensor, scale: Tensor, low: Tensor) -> tuple[Tensor, Tensor]:
+    """codes (N, K) uint8 0..15, scale and low (N, K // 32) -> q4_linear's (packed, scale_min). Rows go in
+    blocks of 8; for block b, group g and vector v, byte 4i + e holds row 8b + i's code of input
+    32g + 4v + e (low nibble) and of input 32g + 16 + 4v + e (high nibble)."""
+    n, k = codes.shape
+    blocks, groups = n // 8, k // 32
+    c = codes.view(blocks, 8, groups, 32).permute(0, 2, 1, 3)                    # (b, g, row, 32)
+    low_half = c[..., :16].reshape(blocks, groups, 8, 4, 4).permute(0, 1, 3, 2, 4)   # (b, g, v, row, e)
+    high_half = c[..., 16:].reshape(blocks, groups, 8, 4, 4).permute(0, 1, 3, 2, 4)
+    packed = (low_half | (high_half << 4)).reshape(blocks, groups, 4, 32).contiguous()
+    per_block = [t.reshape(blocks, 8, groups).permute(0, 2, 1) for t in (scale, low)]  # (b, g, row)
+    return packed, torch.stack(per_block, dim=2).to(torch.float16).contiguous()
 
 
 def dequantize_int4(weight: Int4Weight, codes: Tensor) -> Tensor:

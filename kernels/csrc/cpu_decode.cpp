@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -31,13 +32,18 @@ namespace {
 // product is an integer multiply-add over 32 pairs (AVX2 maddubs + madd) scaled by weight scale * dx.
 // Small batches are bound by reading the weights: int4 reads 4.5 bits per weight, fp32 32.
 //
-// int4 layout, per weight row: groups in pairs (g, g + 1) of 32 bytes, byte i = code_g[i] |
-// code_{g+1}[i] << 4 (codes 0..15), so one load and two masks give both groups' codes; then
-// scale_min (N, 2, G) fp16: w = code * scale[g] + min[g].
-// int8 layout: qweight (N, K) and scales (N, G) fp16: w = code * scale[g].
+// int4 layout: rows in blocks of 8, packed (N / 8, G, 4, 32) uint8. For block b, group g and
+// vector v, byte 4 * i + e holds row 8b + i's code of input 32g + 4v + e in its low nibble and of
+// input 32g + 16 + 4v + e in its high nibble (codes 0..15). So one 32-byte load and two masks give
+// 8 rows x 4 inputs, which maddubs multiplies by 4 broadcast activations: each 32-bit lane stays one
+// output column, a group's dot products land in one vector and the per-group scales apply as vectors
+// (no horizontal sums). scale_min (N / 8, G, 2, 8) fp16: w = code * scale + min per row and group.
+// int8 layout: the same blocks of 8 rows, qweight (N / 8, G, 8, 32) int8 where vector v holds inputs
+// 32g + 4v .. 32g + 4v + 3 of each row (byte 4i + e); scales (N / 8, G, 8) fp16: w = code * scale.
 constexpr int64_t kGroup = 32;
-constexpr int64_t kTile = 4;       // activation rows per pass over a weight row
+constexpr int64_t kTile = 4;       // activation rows per pass over a block of weight rows
 constexpr int64_t kPrefetchBytes = 1024;  // software prefetch distance in the int4 weight stream
+constexpr int64_t kBlockRows = 8;  // weight rows per block (int4 and int8 layouts)
 constexpr int64_t kMaxGroups = 2048;  // K <= 65536 (kernels/quant.py NATIVE_MAX_K)
 
 struct QuantizedRows {      // activations (M, K) as int8 per group of 32
@@ -46,26 +52,64 @@ struct QuantizedRows {      // activations (M, K) as int8 per group of 32
   std::vector<float> s;     // (M, G) scale * sum(q)
 };
 
+#ifdef BERTH_AVX2
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
+// one group of 32: q = round(x / d) (ties to even, as std::nearbyint), returns sum(q)
+inline int quantize_group(const float* x, float inv, int8_t* q) {
+  const __m256 iv = _mm256_set1_ps(inv);
+  __m256i c[4];
+  for (int i = 0; i < 4; ++i) {
+    c[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), iv),
+                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  const __m256i sum8 = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
+  __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
+  sum4 = _mm_hadd_epi32(sum4, sum4);
+  sum4 = _mm_hadd_epi32(sum4, sum4);
+  // the packs interleave 128-bit lanes; the permutation restores the order of the 32 codes
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
+                      _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  return _mm_cvtsi128_si32(sum4);
+}
+#endif
+
 QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k) {
   const int64_t groups = k / kGroup;
   QuantizedRows out{std::vector<int8_t>(rows * k), std::vector<float>(rows * groups),
                     std::vector<float>(rows * groups)};
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t g = 0; g < groups; ++g) {
-      const float* xg = x + r * k + g * kGroup;
+  // group i of the flattened (rows * groups) sequence is row i / groups, group i % groups
+  at::parallel_for(0, rows * groups, 512, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* xg = x + i * kGroup;
+      int8_t* qg = out.q.data() + i * kGroup;
       float amax = 0.f;
-      for (int64_t i = 0; i < kGroup; ++i) amax = std::max(amax, std::fabs(xg[i]));
+#ifdef BERTH_AVX2
+      __m256 m = _mm256_setzero_ps();
+      for (int c = 0; c < 4; ++c) m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), _mm256_loadu_ps(xg + 8 * c)));
+      amax = hmax(m);
+#else
+      for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(xg[j]));
+#endif
       const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-      int8_t* qg = out.q.data() + r * k + g * kGroup;
+#ifdef BERTH_AVX2
+      const int sum = quantize_group(xg, inv, qg);
+#else
       int sum = 0;
-      for (int64_t i = 0; i < kGroup; ++i) {
-        qg[i] = static_cast<int8_t>(std::nearbyint(xg[i] * inv));
-        sum += qg[i];
+      for (int64_t j = 0; j < kGroup; ++j) {
+        qg[j] = static_cast<int8_t>(std::nearbyint(xg[j] * inv));
+        sum += qg[j];
       }
-      out.d[r * groups + g] = d;
-      out.s[r * groups + g] = d * static_cast<float>(sum);
+#endif
+      out.d[i] = d;
+      out.s[i] = d * static_cast<float>(sum);
     }
-  }
+  });
   return out;
 }
 
@@ -110,118 +154,127 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
-#ifdef BERTH_AVX2
-
-// 8 int32 partial sums of unsigned codes (0..127) x signed activations
-inline __m256 dot_u8s8(__m256i u, __m256i s) {
-  return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
-}
-#endif
-
-// One int4 weight row against T activation rows (T <= kTile): out[t] = w . x[row0 + t].
+// Columns 8b..8b+7 of y for T activation rows from row0: y[row0 + t, 8b + i] = w_{8b+i} . x[row0 + t].
 template <int T>
-void q4_row(const uint8_t* w, const at::Half* scale_min, const QuantizedRows& qx, int64_t k, int64_t row0,
-            float* out) {
+void q4_block(const uint8_t* w, const at::Half* scale_min, const QuantizedRows& qx, int64_t k, int64_t row0,
+              float* y, int64_t n, int64_t col0) {
   const int64_t groups = k / kGroup;
-  float scale[kMaxGroups], mins[kMaxGroups], ds[T][kMaxGroups];
-  halves_to_floats(scale_min, scale, groups);
-  halves_to_floats(scale_min + groups, mins, groups);
-  float min_part[T];
+  const int8_t* q[T];
+  const float *dx[T], *sx[T];
   for (int t = 0; t < T; ++t) {
-    const float* dx = qx.d.data() + (row0 + t) * groups;
-    for (int64_t g = 0; g < groups; ++g) ds[t][g] = scale[g] * dx[g];
-    min_part[t] = dot(mins, qx.s.data() + (row0 + t) * groups, groups);
+    q[t] = qx.q.data() + (row0 + t) * k;
+    dx[t] = qx.d.data() + (row0 + t) * groups;
+    sx[t] = qx.s.data() + (row0 + t) * groups;
   }
 #ifdef BERTH_AVX2
-  const __m256i mask = _mm256_set1_epi8(0x0F);
-  __m256 acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; g += 2) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + g * 16) + kPrefetchBytes, _MM_HINT_T0);
-    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 16));
-    const __m256i c0 = _mm256_and_si256(bytes, mask);
-    const __m256i c1 = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
-    for (int t = 0; t < T; ++t) {
-      const int8_t* q = qx.q.data() + (row0 + t) * k + g * kGroup;
-      const __m256i q0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
-      const __m256i q1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + kGroup));
-      acc[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&ds[t][g]), dot_u8s8(c0, q0), acc[t]);
-      acc[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&ds[t][g + 1]), dot_u8s8(c1, q1), acc[t]);
-    }
-  }
-  for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]) + min_part[t];
-#else
-  for (int t = 0; t < T; ++t) {
-    const int8_t* q = qx.q.data() + (row0 + t) * k;
-    float total = 0.f;
-    for (int64_t g = 0; g < groups; g += 2) {
-      int dot0 = 0, dot1 = 0;
-      for (int64_t i = 0; i < kGroup; ++i) {
-        const uint8_t byte = w[g * 16 + i];
-        dot0 += (byte & 0x0F) * q[g * kGroup + i];
-        dot1 += (byte >> 4) * q[(g + 1) * kGroup + i];
-      }
-      total += ds[t][g] * static_cast<float>(dot0) + ds[t][g + 1] * static_cast<float>(dot1);
-    }
-    out[t] = total + min_part[t];
-  }
-#endif
-}
-
-// One int8 (group-32) weight row against T activation rows.
-template <int T>
-void q8_row(const int8_t* w, const at::Half* scales, const QuantizedRows& qx, int64_t k, int64_t row0,
-            float* out) {
-  const int64_t groups = k / kGroup;
-  float scale[kMaxGroups], ds[T][kMaxGroups];
-  halves_to_floats(scales, scale, groups);
-  for (int t = 0; t < T; ++t) {
-    const float* dx = qx.d.data() + (row0 + t) * groups;
-    for (int64_t g = 0; g < groups; ++g) ds[t][g] = scale[g] * dx[g];
-  }
-#ifdef BERTH_AVX2
+  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
-    const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * kGroup));
-    const __m256i wabs = _mm256_sign_epi8(wv, wv);  // |w| is maddubs' unsigned operand, the sign moves to q
+    const uint8_t* wg = w + g * 128;
+    _mm_prefetch(reinterpret_cast<const char*>(wg) + kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wg) + kPrefetchBytes + 64, _MM_HINT_T0);
+    // int16 sums of 16 products each: |code * q| <= 15 * 127, 16 * 1905 < 32768, no saturation
+    __m256i dot16[T];
+    for (int t = 0; t < T; ++t) dot16[t] = _mm256_setzero_si256();
+    for (int v = 0; v < 4; ++v) {
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + v * 32));
+      const __m256i lo = _mm256_and_si256(bytes, mask);
+      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+      for (int t = 0; t < T; ++t) {
+        const int8_t* qg = q[t] + g * kGroup + 4 * v;
+        int32_t a_lo, a_hi;
+        std::memcpy(&a_lo, qg, 4);
+        std::memcpy(&a_hi, qg + 16, 4);
+        dot16[t] = _mm256_add_epi16(dot16[t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(a_lo)));
+        dot16[t] = _mm256_add_epi16(dot16[t], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(a_hi)));
+      }
+    }
+    const __m128i* sm = reinterpret_cast<const __m128i*>(scale_min + g * 16);
+    const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(sm)), mins = _mm256_cvtph_ps(_mm_loadu_si128(sm + 1));
     for (int t = 0; t < T; ++t) {
-      const __m256i qv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.q.data() + (row0 + t) * k + g * kGroup));
-      acc[t] = _mm256_fmadd_ps(_mm256_broadcast_ss(&ds[t][g]), dot_u8s8(wabs, _mm256_sign_epi8(qv, wv)), acc[t]);
+      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot16[t], ones));
+      acc[t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_broadcast_ss(dx[t] + g)), acc[t]);
+      acc[t] = _mm256_fmadd_ps(mins, _mm256_broadcast_ss(sx[t] + g), acc[t]);
     }
   }
-  for (int t = 0; t < T; ++t) out[t] = hsum(acc[t]);
+  for (int t = 0; t < T; ++t) _mm256_storeu_ps(y + (row0 + t) * n + col0, acc[t]);
 #else
   for (int t = 0; t < T; ++t) {
-    const int8_t* q = qx.q.data() + (row0 + t) * k;
-    float total = 0.f;
-    for (int64_t g = 0; g < groups; ++g) {
-      int dot = 0;
-      for (int64_t i = 0; i < kGroup; ++i) dot += w[g * kGroup + i] * q[g * kGroup + i];
-      total += ds[t][g] * static_cast<float>(dot);
+    for (int64_t i = 0; i < kBlockRows; ++i) {
+      float total = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        int dot = 0;
+        for (int64_t v = 0; v < 4; ++v) {
+          for (int64_t e = 0; e < 4; ++e) {
+            const uint8_t byte = w[g * 128 + v * 32 + 4 * i + e];
+            dot += (byte & 0x0F) * q[t][g * kGroup + 4 * v + e] + (byte >> 4) * q[t][g * kGroup + 16 + 4 * v + e];
+          }
+        }
+        const float scale = static_cast<float>(scale_min[g * 16 + i]), mn = static_cast<float>(scale_min[g * 16 + 8 + i]);
+        total += scale * dx[t][g] * static_cast<float>(dot) + mn * sx[t][g];
+      }
+      y[(row0 + t) * n + col0 + i] = total;
     }
-    out[t] = total;
   }
 #endif
 }
 
-// y (M, N) = x (M, K) . W^T, `row(j, r, tile, out)` computing weight row j against rows r..r+tile-1.
-template <typename RowFn>
-at::Tensor quantized_linear(const at::Tensor& x, int64_t n, RowFn row) {
-  const int64_t rows = x.size(0);
-  at::Tensor y = at::empty({rows, n}, x.options());
-  float* y_p = y.data_ptr<float>();
-  at::parallel_for(0, n, 32, [&](int64_t begin, int64_t end) {
-    float out[kTile];
-    for (int64_t j = begin; j < end; ++j) {
-      for (int64_t r = 0; r < rows; r += kTile) {
-        const int64_t tile = std::min(kTile, rows - r);
-        row(j, r, tile, out);
-        for (int64_t t = 0; t < tile; ++t) y_p[(r + t) * n + j] = out[t];
+// Columns 8b..8b+7 of y for T activation rows, int8 weights: the signs move onto the activations so
+// that maddubs multiplies |w| (unsigned) by sign(w) * q; each product pair needs int32 (|sum| < 2^15 + 1).
+template <int T>
+void q8_block(const int8_t* w, const at::Half* scales, const QuantizedRows& qx, int64_t k, int64_t row0,
+              float* y, int64_t n, int64_t col0) {
+  const int64_t groups = k / kGroup;
+  const int8_t* q[T];
+  const float* dx[T];
+  for (int t = 0; t < T; ++t) {
+    q[t] = qx.q.data() + (row0 + t) * k;
+    dx[t] = qx.d.data() + (row0 + t) * groups;
+  }
+#ifdef BERTH_AVX2
+  const __m256i ones = _mm256_set1_epi16(1);
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* wg = w + g * 256;
+    _mm_prefetch(reinterpret_cast<const char*>(wg) + 2 * kPrefetchBytes, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wg) + 2 * kPrefetchBytes + 64, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wg) + 2 * kPrefetchBytes + 128, _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(wg) + 2 * kPrefetchBytes + 192, _MM_HINT_T0);
+    __m256i dot[T];
+    for (int t = 0; t < T; ++t) dot[t] = _mm256_setzero_si256();
+    for (int v = 0; v < 8; ++v) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + v * 32));
+      const __m256i wabs = _mm256_sign_epi8(wv, wv);
+      for (int t = 0; t < T; ++t) {
+        int32_t a;
+        std::memcpy(&a, q[t] + g * kGroup + 4 * v, 4);
+        const __m256i prod = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(_mm256_set1_epi32(a), wv));
+        dot[t] = _mm256_add_epi32(dot[t], _mm256_madd_epi16(prod, ones));
       }
     }
-  });
-  return y;
+    const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + g * 8)));
+    for (int t = 0; t < T; ++t) {
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[t]), _mm256_mul_ps(scale, _mm256_broadcast_ss(dx[t] + g)), acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm256_storeu_ps(y + (row0 + t) * n + col0, acc[t]);
+#else
+  for (int t = 0; t < T; ++t) {
+    for (int64_t i = 0; i < kBlockRows; ++i) {
+      float total = 0.f;
+      for (int64_t g = 0; g < groups; ++g) {
+        int dot = 0;
+        for (int64_t v = 0; v < 8; ++v) {
+          for (int64_t e = 0; e < 4; ++e) dot += w[g * 256 + v * 32 + 4 * i + e] * q[t][g * kGroup + 4 * v + e];
+        }
+        total += static_cast<float>(scales[g * 8 + i]) * dx[t][g] * static_cast<float>(dot);
+      }
+      y[(row0 + t) * n + col0 + i] = total;
+    }
+  }
+#endif
 }
 
 template <typename Fn>
@@ -234,38 +287,59 @@ inline void by_tile(int64_t tile, Fn fn) {
   }
 }
 
-// x (M, K) fp32, qweight (N, K) int8, scales (N, K / 32) fp16 -> (M, N) fp32
+// y (M, N) = x (M, K) . W^T over weight blocks of 8 rows: block(b, r, tile, y) fills columns
+// 8b..8b+7 of activation rows r..r+tile-1 (tile <= kTile) from the int8-rounded activations.
+template <typename BlockFn>
+at::Tensor blocked_linear(const at::Tensor& x, int64_t blocks, const QuantizedRows& qx, BlockFn block) {
+  const int64_t rows = x.size(0), n = blocks * kBlockRows;
+  at::Tensor y = at::empty({rows, n}, x.options());
+  float* y_p = y.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t r = 0; r < rows; r += kTile) block(b, r, std::min(kTile, rows - r), y_p, n);
+    }
+  });
+  return y;
+}
+
+// x (M, K) fp32, qweight (N / 8, K / 32, 8, 32) int8, scales (N / 8, K / 32, 8) fp16 -> (M, N) fp32
 at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "q8_linear: x must be (M, K) fp32");
-  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous() &&
-              scales.scalar_type() == at::kHalf && scales.is_contiguous(), "q8_linear: bad weight");
+  TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous() && qweight.dim() == 4 &&
+              scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 3, "q8_linear: bad weight");
   const at::Tensor x = x_in.contiguous();
-  const int64_t k = x.size(1), n = qweight.size(0), groups = k / kGroup;
-  TORCH_CHECK(k % kGroup == 0 && groups <= kMaxGroups && qweight.size(1) == k && scales.size(0) == n &&
-              scales.size(1) == groups, "q8_linear: shapes do not match");
+  const int64_t k = x.size(1), blocks = qweight.size(0), groups = k / kGroup;
+  TORCH_CHECK(k % kGroup == 0 && groups <= kMaxGroups && qweight.size(1) == groups && qweight.size(2) == 8 &&
+              qweight.size(3) == 32 && scales.size(0) == blocks && scales.size(1) == groups &&
+              scales.size(2) == kBlockRows, "q8_linear: shapes do not match");
   const QuantizedRows qx = quantize_rows(x.data_ptr<float>(), x.size(0), k);
   const int8_t* w_p = qweight.data_ptr<int8_t>();
   const at::Half* s_p = scales.data_ptr<at::Half>();
-  return quantized_linear(x, n, [&](int64_t j, int64_t r, int64_t tile, float* out) {
-    by_tile(tile, [&](auto t) { q8_row<decltype(t)::value>(w_p + j * k, s_p + j * groups, qx, k, r, out); });
+  return blocked_linear(x, blocks, qx, [&](int64_t b, int64_t r, int64_t tile, float* y, int64_t n) {
+    by_tile(tile, [&](auto t) {
+      q8_block<decltype(t)::value>(w_p + b * groups * 256, s_p + b * groups * 8, qx, k, r, y, n, b * kBlockRows);
+    });
   });
 }
 
-// x (M, K) fp32, packed (N, K / 2) uint8, scale_min (N, 2, K / 32) fp16 -> (M, N) fp32
+// x (M, K) fp32, packed (N / 8, K / 32, 4, 32) uint8, scale_min (N / 8, K / 32, 2, 8) fp16 -> (M, N) fp32
 at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scale_min) {
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat, "q4_linear: x must be (M, K) fp32");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() &&
-              scale_min.scalar_type() == at::kHalf && scale_min.is_contiguous(), "q4_linear: bad weight");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.is_contiguous() && packed.dim() == 4 &&
+              scale_min.scalar_type() == at::kHalf && scale_min.is_contiguous() && scale_min.dim() == 4,
+              "q4_linear: bad weight");
   const at::Tensor x = x_in.contiguous();
-  const int64_t k = x.size(1), n = packed.size(0), groups = k / kGroup;
-  TORCH_CHECK(k % (2 * kGroup) == 0 && groups <= kMaxGroups && packed.size(1) == k / 2 &&
-              scale_min.size(0) == n && scale_min.size(1) == 2 && scale_min.size(2) == groups,
-              "q4_linear: shapes do not match");
+  const int64_t k = x.size(1), blocks = packed.size(0), groups = k / kGroup;
+  TORCH_CHECK(k % kGroup == 0 && groups <= kMaxGroups && packed.size(1) == groups && packed.size(2) == 4 &&
+              packed.size(3) == 32 && scale_min.size(0) == blocks && scale_min.size(1) == groups &&
+              scale_min.size(2) == 2 && scale_min.size(3) == kBlockRows, "q4_linear: shapes do not match");
   const QuantizedRows qx = quantize_rows(x.data_ptr<float>(), x.size(0), k);
   const uint8_t* w_p = packed.data_ptr<uint8_t>();
-  const at::Half* dm_p = scale_min.data_ptr<at::Half>();
-  return quantized_linear(x, n, [&](int64_t j, int64_t r, int64_t tile, float* out) {
-    by_tile(tile, [&](auto t) { q4_row<decltype(t)::value>(w_p + j * (k / 2), dm_p + j * 2 * groups, qx, k, r, out); });
+  const at::Half* s_p = scale_min.data_ptr<at::Half>();
+  return blocked_linear(x, blocks, qx, [&](int64_t b, int64_t r, int64_t tile, float* y, int64_t n) {
+    by_tile(tile, [&](auto t) {
+      q4_block<decltype(t)::value>(w_p + b * groups * 128, s_p + b * groups * 16, qx, k, r, y, n, b * kBlockRows);
+    });
   });
 }
 
@@ -279,10 +353,10 @@ struct Linear {
   at::Tensor bias;            // (N,) or undefined
   at::Tensor q4_packed, q4_scale_min;  // int4 in q4_linear's layout, or undefined
 
-  at::Tensor operator()(const at::Tensor& x, int64_t quantized_max_rows, int64_t q4_max_rows) const {
+  at::Tensor operator()(const at::Tensor& x, int64_t quantized_max_rows) const {
     at::Tensor y;
     bool use_quant = quant != 0 && (x.size(0) <= quantized_max_rows || weight.numel() == 0);
-    if (use_quant && q4_packed.defined() && x.size(0) <= q4_max_rows) {
+    if (use_quant && q4_packed.defined()) {
       y = q4_linear(x, q4_packed, q4_scale_min);
     } else if (use_quant && quant == 2) {
       y = at::_weight_int4pack_mm_for_cpu(x.to(at::kBFloat16), q0, group, q1).to(at::kFloat);
@@ -437,11 +511,10 @@ class DecodeModel {
 
   // x (B, H) fp32 embeddings; positions (B,) int64; cos_sin (P, D) fp32; kv_caches: [(k, v)] per
   // layer; block_tables (B, max_blocks) int32; context_lens (B,) int32 (including the new token);
-  // quantized_max_rows as models/llama.py's QUANTIZED_MAX_ROWS. Writes each layer's new K/V into the caches and returns the last residual sum (B, H), to which
-  // the caller applies the final norm.
+  // quantized_max_rows as models/llama.py's QUANTIZED_MAX_ROWS. Writes each layer's new K/V into the
+  // caches and returns the last residual sum (B, H), to which the caller applies the final norm.
   at::Tensor forward(at::Tensor x, at::Tensor positions, at::Tensor cos_sin, py::list kv_caches,
-                     at::Tensor block_tables, at::Tensor context_lens, int64_t quantized_max_rows,
-                     int64_t q4_max_rows) {
+                     at::Tensor block_tables, at::Tensor context_lens, int64_t quantized_max_rows) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be (B, H) fp32");
     TORCH_CHECK(static_cast<size_t>(kv_caches.size()) == layers_.size(), "one (k, v) cache per layer");
     TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
@@ -457,7 +530,6 @@ class DecodeModel {
     py::gil_scoped_release no_gil;
     at::NoGradGuard no_grad;
     quantized_max_rows_ = quantized_max_rows;
-    q4_max_rows_ = q4_max_rows;
     const int64_t batch = x.size(0), hidden = x.size(1);
     const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, half = D / 2;
     const int64_t qkv_width = (Hq + 2 * Hkv) * D;
@@ -490,7 +562,7 @@ class DecodeModel {
       for (int64_t b = 0; b < batch; ++b)
         rms_norm_row(res_p + b * hidden, w_in, nrm_p + b * hidden, hidden, eps_);
 
-      at::Tensor qkv = L.qkv(normed, quantized_max_rows_, q4_max_rows_).contiguous();  // (B, (Hq + 2Hkv) D)
+      at::Tensor qkv = L.qkv(normed, quantized_max_rows_).contiguous();  // (B, (Hq + 2Hkv) D)
       float* qkv_p = qkv.data_ptr<float>();
       for (int64_t b = 0; b < batch; ++b) {
         float* row = qkv_p + b * qkv_width;
@@ -513,13 +585,13 @@ class DecodeModel {
       decode_attention(qkv_p, qkv_width, kc, vc, bt_p, max_blocks, cl_p, block_size, batch, scale,
                        attn.data_ptr<float>());
 
-      at::Tensor o = L.o(attn, quantized_max_rows_, q4_max_rows_).contiguous();  // (B, H)
+      at::Tensor o = L.o(attn, quantized_max_rows_).contiguous();  // (B, H)
       residual.add_(o);
       const float* w_post = L.post_norm.data_ptr<float>();
       for (int64_t b = 0; b < batch; ++b)
         rms_norm_row(res_p + b * hidden, w_post, nrm_p + b * hidden, hidden, eps_);
 
-      at::Tensor gu = L.gate_up(normed, quantized_max_rows_, q4_max_rows_).contiguous();  // (B, 2I)
+      at::Tensor gu = L.gate_up(normed, quantized_max_rows_).contiguous();  // (B, 2I)
       const int64_t inter = gu.size(1) / 2;
       at::Tensor act = at::empty({batch, inter}, x.options());
       const float* gu_p = gu.data_ptr<float>();
@@ -530,7 +602,7 @@ class DecodeModel {
         float* a = act_p + b * inter;
         for (int64_t i = 0; i < inter; ++i) a[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
       }
-      residual.add_(L.down(act, quantized_max_rows_, q4_max_rows_));
+      residual.add_(L.down(act, quantized_max_rows_));
     }
     return residual;
   }
@@ -567,7 +639,7 @@ class DecodeModel {
   std::vector<Layer> layers_;
   int64_t num_heads_, num_kv_heads_, head_dim_;
   float eps_;
-  int64_t quantized_max_rows_ = 0, q4_max_rows_ = 0;
+  int64_t quantized_max_rows_ = 0;
 };
 
 }  // namespace
@@ -576,7 +648,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecodeModel>(m, "DecodeModel")
       .def(py::init<py::list, int64_t, int64_t, int64_t, double>())
       .def("forward", &DecodeModel::forward);
-  m.def("q8_linear", &q8_linear, py::call_guard<py::gil_scoped_release>(), "x (M, K) fp32 @ int8 weight ((N, K), (N, K/32) fp16 scales) -> (M, N)");
+  m.def("q8_linear", &q8_linear, py::call_guard<py::gil_scoped_release>(), "x (M, K) fp32 @ int8 weight ((N/8, K/32, 8, 32), (N/8, K/32, 8) fp16 scales) -> (M, N)");
   m.def("q4_linear", &q4_linear, py::call_guard<py::gil_scoped_release>(),
-        "x (M, K) fp32 @ int4 weight (N, K/2 packed, (N, 2, K/32) fp16) -> (M, N)");
+        "x (M, K) fp32 @ int4 weight ((N/8, K/32, 4, 32) packed, (N/8, K/32, 2, 8) fp16) -> (M, N)");
 }

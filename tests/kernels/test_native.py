@@ -5,6 +5,8 @@ pin the extension to it: same hidden states and the same KV cache after a decode
 supported architecture, batched rows with different context lengths, float and quantized weights.
 CI builds the extension (`python -m kernels.native`), so a missing extension fails here, not skips.
 """
+import itertools
+
 import pytest
 import torch
 
@@ -68,26 +70,48 @@ def quantized_activations(x: torch.Tensor) -> torch.Tensor:
     return (torch.round(groups / torch.where(scale > 0, scale, 1)) * scale).view_as(x)
 
 
+def unpack_q4(packed: torch.Tensor, scale_min: torch.Tensor) -> torch.Tensor:
+    """(N, K) float weight from q4_linear's layout, element by element as its comment describes it."""
+    blocks, groups = packed.shape[:2]
+    w = torch.empty(blocks * 8, groups * 32)
+    codes, scales = packed.tolist(), scale_min.float().tolist()
+    for b, g, v, i, e in itertools.product(range(blocks), range(groups), range(4), range(8), range(4)):
+        byte = codes[b][g][v][4 * i + e]
+        scale, low = scales[b][g][0][i], scales[b][g][1][i]
+        w[8 * b + i, 32 * g + 4 * v + e] = (byte & 15) * scale + low
+        w[8 * b + i, 32 * g + 16 + 4 * v + e] = (byte >> 4) * scale + low
+    return w
+
+
+def unpack_q8(qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """(N, K) float weight from q8_linear's layout, element by element as its comment describes it."""
+    blocks, groups = qweight.shape[:2]
+    w = torch.empty(blocks * 8, groups * 32)
+    codes, scale = qweight.tolist(), scales.float().tolist()
+    for b, g, v, i, e in itertools.product(range(blocks), range(groups), range(8), range(8), range(4)):
+        w[8 * b + i, 32 * g + 4 * v + e] = codes[b][g][v][4 * i + e] * scale[b][g][i]
+    return w
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
 def test_q4_and_q8_kernels_match_the_dequantized_product(extension, rows):
     """The AVX2 int4 / int8 kernels equal (rounded activations) @ (dequantized weight)^T, for every
-    tile size (4 activation rows per pass) and a remainder."""
+    tile size (4 activation rows per pass) and a remainder (8 weight rows per int4 block)."""
     from kernels.quant import quantize_int4, quantize_q8
     torch.manual_seed(rows)
     weight, x = torch.randn(96, 192) * 0.05, torch.randn(rows, 192)
     x[0, :32] = 0  # an all-zero group
     xq = quantized_activations(x)
     q4 = quantize_int4(weight)
-    codes = torch.cat([(q4.q4_packed & 15).view(96, -1, 32), (q4.q4_packed >> 4).view(96, -1, 32)], dim=2)
-    scale, low = q4.q4_scale_min.float().unbind(1)  # (N, G) each
-    w4 = (codes.view(96, -1, 32).float() * scale[..., None] + low[..., None]).view(96, 192)
+    w4 = unpack_q4(q4.q4_packed, q4.q4_scale_min)
     torch.testing.assert_close(extension.q4_linear(x, q4.q4_packed, q4.q4_scale_min), xq @ w4.t(),
                                atol=1e-4, rtol=1e-4)
     assert (w4 - weight).abs().max() < 0.05 * 2 * 4.5 / 15  # half a step of the widest group range
-    q8 = quantize_q8(weight)
-    w8 = (q8.qweight.view(96, -1, 32).float() * q8.scales.float()[..., None]).view(96, 192)
+    q8 = quantize_q8(weight[:93])  # 93 rows: padded to 12 blocks of 8
+    w8 = unpack_q8(q8.qweight, q8.scales)
+    assert q8.out_features == 93 and w8[93:].abs().max() == 0
     torch.testing.assert_close(extension.q8_linear(x, q8.qweight, q8.scales), xq @ w8.t(), atol=1e-4, rtol=1e-4)
-    assert (w8 - weight).abs().max() <= q8.scales.float().max() / 2 + 1e-6
+    assert (w8[:93] - weight[:93]).abs().max() <= q8.scales.float().max() / 2 + 1e-6
 
 
 def test_q4_and_q8_kernels_refuse_bad_input(extension):
@@ -124,12 +148,12 @@ def test_native_decode_checks_its_inputs(checkpoint, extension):  # noqa: F811
     cos_sin = model.model.rotary_emb.cos_sin_cache
     table, lens = torch.tensor([[0]], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)
     with pytest.raises(RuntimeError, match="int32"):
-        decoder.forward(x, torch.tensor([0]), cos_sin, caches, table.long(), lens, 16, 16)
+        decoder.forward(x, torch.tensor([0]), cos_sin, caches, table.long(), lens, 16)
     with pytest.raises(RuntimeError, match="fp32"):
-        decoder.forward(x.double(), torch.tensor([0]), cos_sin, caches, table, lens, 16, 16)
+        decoder.forward(x.double(), torch.tensor([0]), cos_sin, caches, table, lens, 16)
     with pytest.raises(RuntimeError, match="per layer"):
-        decoder.forward(x, torch.tensor([0]), cos_sin, caches[:1], table, lens, 16, 16)
-    assert decoder.forward(x, torch.tensor([0]), cos_sin, caches, table, lens, 16, 16).shape == x.shape
+        decoder.forward(x, torch.tensor([0]), cos_sin, caches[:1], table, lens, 16)
+    assert decoder.forward(x, torch.tensor([0]), cos_sin, caches, table, lens, 16).shape == x.shape
 
 
 def test_disabled_by_environment(monkeypatch):

@@ -54,9 +54,6 @@ def head_dim_of(config) -> int:
 # int8/int4 kernels top out at ~55 GFLOP/s while fp32 GEMM reaches ~100, so quantized weights only
 # pay while a product is bound by reading the weights (bench/README.md, "Session 3: the native C++ decode step").
 QUANTIZED_MAX_ROWS = 40
-# The native decode step multiplies int4 weights with its own kernel (int8 activations, AVX2) up to
-# this many rows, and with torch's int4 kernel above (kernels/csrc/cpu_decode.cpp).
-NATIVE_Q4_MAX_ROWS = 16
 
 
 class Linear(nn.Module):
@@ -75,10 +72,20 @@ class Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[0] <= QUANTIZED_MAX_ROWS or self.weight.numel() == 0:
             if self.int4 is not None:
-                return int4_linear(x, self.int4, self.bias)
+                return self._int4_linear(x)
             if self.int8 is not None:
                 return int8_linear(x, self.int8, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def _int4_linear(self, x: Tensor) -> Tensor:
+        """The native int4 kernel (int8 activations, AVX2) for fp32 CPU inputs when it is built, else torch's."""
+        q = self.int4
+        if q.q4_packed is not None and x.dtype == torch.float32 and x.device.type == "cpu":
+            ext = native.load()
+            if ext is not None:
+                y = ext.q4_linear(x, q.q4_packed, q.q4_scale_min)
+                return y if self.bias is None else y + self.bias
+        return int4_linear(x, q, self.bias)
 
     def quantize(self, method: str, keep_float: bool = True) -> None:
         """Add the int8 or int4 form of the weight (a shape int4 cannot pack falls back to int8).
@@ -262,8 +269,7 @@ class LlamaForCausalLM(nn.Module):
         decoder = self._native_decoder(x, meta, kv_caches)
         if decoder is not None:
             h = decoder.forward(x, positions, self.model.rotary_emb.cos_sin_cache, kv_caches,
-                                meta.block_tables, meta.context_lens, QUANTIZED_MAX_ROWS,
-                                NATIVE_Q4_MAX_ROWS)  # (T, hidden)
+                                meta.block_tables, meta.context_lens, QUANTIZED_MAX_ROWS)  # (T, hidden)
             return self.model.norm(h)
         cos, sin = self.model.rotary_emb.lookup(positions)  # (T, 1, D/2), shared by every layer
         residual = None
@@ -307,7 +313,9 @@ class LlamaForCausalLM(nn.Module):
         if getattr(self, "_lm_head_q8", None) is not None and hidden.shape[0] <= QUANTIZED_MAX_ROWS:
             ext = native.load() if self.native_decode and hidden.dtype == torch.float32 else None
             if ext is not None and hidden.device.type == "cpu":
-                return ext.q8_linear(hidden, self._lm_head_q8.qweight, self._lm_head_q8.scales)  # (B, vocab)
+                q8 = self._lm_head_q8
+                logits = ext.q8_linear(hidden, q8.qweight, q8.scales)  # (B, vocab rounded up to 8)
+                return logits if logits.shape[1] == q8.out_features else logits[:, :q8.out_features].contiguous()
         if getattr(self, "_lm_head_int8", None) is not None and hidden.shape[0] <= QUANTIZED_MAX_ROWS:
             return int8_linear(hidden, self._lm_head_int8).float()  # (B, vocab)
         if hidden.shape[0] <= 4 and hidden.device.type == "cpu":
