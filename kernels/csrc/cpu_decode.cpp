@@ -447,12 +447,16 @@ inline void attention_scores(const float* q, const float* kc, const int64_t* off
   if (D % 8 == 0) {
     const __m256 sc = _mm256_set1_ps(scale);
     for (; j + 8 <= len; j += 8) {
+      // d outer, keys inner: 8 independent multiply-add chains instead of one chain per key
+      const float* k[8];
       __m256 acc[8];
       for (int t = 0; t < 8; ++t) {
-        const float* k = kc + offsets[j + t];
-        __m256 a = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
-        for (int64_t d = 8; d < D; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + d), _mm256_loadu_ps(k + d), a);
-        acc[t] = a;
+        k[t] = kc + offsets[j + t];
+        acc[t] = _mm256_setzero_ps();
+      }
+      for (int64_t d = 0; d < D; d += 8) {
+        const __m256 qd = _mm256_loadu_ps(q + d);
+        for (int t = 0; t < 8; ++t) acc[t] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(k[t] + d), acc[t]);
       }
       _mm256_storeu_ps(s + j, _mm256_mul_ps(reduce8(acc), sc));
     }
@@ -484,6 +488,21 @@ inline void softmax(float* s, int64_t n) {
 // out = sum_j p[j] * v_j
 inline void weighted_values(const float* p, const float* vc, const int64_t* offsets, int64_t len, int64_t D,
                             float* out) {
+#ifdef BERTH_AVX2
+  if (D % 64 == 0) {  // 64 outputs at a time in 8 registers (the cache is read once, out written once)
+    for (int64_t d0 = 0; d0 < D; d0 += 64) {
+      __m256 acc[8];
+      for (int i = 0; i < 8; ++i) acc[i] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < len; ++j) {
+        const __m256 pj = _mm256_broadcast_ss(p + j);
+        const float* v = vc + offsets[j] + d0;
+        for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(v + 8 * i), acc[i]);
+      }
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(out + d0 + 8 * i, acc[i]);
+    }
+    return;
+  }
+#endif
   std::fill(out, out + D, 0.f);
   for (int64_t j = 0; j < len; ++j) axpy(p[j], vc + offsets[j], out, D);
 }
@@ -614,24 +633,26 @@ class DecodeModel {
                         const int32_t* bt, int64_t max_blocks, const int32_t* cl, int64_t block_size,
                         int64_t batch, float scale, float* out) const {
     const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, group = Hq / Hkv;
-    at::parallel_for(0, batch * Hkv, 1, [&](int64_t begin, int64_t end) {
+    // one work item per query head: at batch 1 the 3 kv heads of a small model would leave one of
+    // two threads idle for a third of the time; the key offsets are recomputed per item (cheap)
+    at::parallel_for(0, batch * Hq, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
       std::vector<int64_t> offsets;  // each key's (and value's) offset in the cache
+      int64_t offsets_for = -1;      // the (sequence, kv head) whose offsets are in `offsets`
       for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t b = idx / Hkv, h = idx % Hkv, len = cl[b];
-        const float* q = qkv + b * qkv_width + h * group * D;  // this kv head's `group` query heads
-        offsets.resize(len);
-        for (int64_t j = 0; j < len; ++j) {
-          const int64_t slot = static_cast<int64_t>(bt[b * max_blocks + j / block_size]) * block_size + j % block_size;
-          offsets[j] = (slot * Hkv + h) * D;
+        const int64_t b = idx / Hq, head = idx % Hq, h = head / group, len = cl[b];
+        if (offsets_for != b * Hkv + h) {
+          offsets.resize(len);
+          for (int64_t j = 0; j < len; ++j) {
+            const int64_t slot = static_cast<int64_t>(bt[b * max_blocks + j / block_size]) * block_size + j % block_size;
+            offsets[j] = (slot * Hkv + h) * D;
+          }
+          offsets_for = b * Hkv + h;
         }
-        scores.resize(group * len);
-        for (int64_t g = 0; g < group; ++g) {
-          float* s = scores.data() + g * len;
-          attention_scores(q + g * D, kc, offsets.data(), len, D, scale, s);
-          softmax(s, len);
-          weighted_values(s, vc, offsets.data(), len, D, out + (b * Hq + h * group + g) * D);
-        }
+        scores.resize(len);
+        attention_scores(qkv + b * qkv_width + head * D, kc, offsets.data(), len, D, scale, scores.data());
+        softmax(scores.data(), len);
+        weighted_values(scores.data(), vc, offsets.data(), len, D, out + (b * Hq + head) * D);
       }
     });
   }
