@@ -174,21 +174,24 @@ void q4_block(const uint8_t* w, const at::Half* scale_min, const QuantizedRows& 
     const uint8_t* wg = w + g * 128;
     _mm_prefetch(reinterpret_cast<const char*>(wg) + kPrefetchBytes, _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(wg) + kPrefetchBytes + 64, _MM_HINT_T0);
-    // int16 sums of 16 products each: |code * q| <= 15 * 127, 16 * 1905 < 32768, no saturation
-    __m256i dot16[T];
-    for (int t = 0; t < T; ++t) dot16[t] = _mm256_setzero_si256();
+    // the group's 8 weight vectors (4 loads, two nibbles each), then each activation row against them
+    __m256i wv[8];
     for (int v = 0; v < 4; ++v) {
       const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + v * 32));
-      const __m256i lo = _mm256_and_si256(bytes, mask);
-      const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
-      for (int t = 0; t < T; ++t) {
-        const int8_t* qg = q[t] + g * kGroup + 4 * v;
-        int32_t a_lo, a_hi;
-        std::memcpy(&a_lo, qg, 4);
-        std::memcpy(&a_hi, qg + 16, 4);
-        dot16[t] = _mm256_add_epi16(dot16[t], _mm256_maddubs_epi16(lo, _mm256_set1_epi32(a_lo)));
-        dot16[t] = _mm256_add_epi16(dot16[t], _mm256_maddubs_epi16(hi, _mm256_set1_epi32(a_hi)));
+      wv[v] = _mm256_and_si256(bytes, mask);
+      wv[v + 4] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+    }
+    // int16 sums of 16 products each: |code * q| <= 15 * 127, 16 * 1905 < 32768, no saturation
+    __m256i dot16[T];
+    for (int t = 0; t < T; ++t) {
+      const int8_t* qg = q[t] + g * kGroup;  // wv[v] holds inputs 4v..4v+3 of the group
+      __m256i sum = _mm256_setzero_si256();
+      for (int v = 0; v < 8; ++v) {
+        int32_t a;
+        std::memcpy(&a, qg + 4 * v, 4);
+        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(wv[v], _mm256_set1_epi32(a)));
       }
+      dot16[t] = sum;
     }
     const __m128i* sm = reinterpret_cast<const __m128i*>(scale_min + g * 16);
     const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(sm)), mins = _mm256_cvtph_ps(_mm_loadu_si128(sm + 1));
@@ -355,8 +358,9 @@ struct Linear {
 
   at::Tensor operator()(const at::Tensor& x, int64_t quantized_max_rows) const {
     at::Tensor y;
+    // our int4 kernel beats fp32 GEMM at every size; torch's int8/int4 kernels only up to quantized_max_rows
     bool use_quant = quant != 0 && (x.size(0) <= quantized_max_rows || weight.numel() == 0);
-    if (use_quant && q4_packed.defined()) {
+    if (quant == 2 && q4_packed.defined()) {
       y = q4_linear(x, q4_packed, q4_scale_min);
     } else if (use_quant && quant == 2) {
       y = at::_weight_int4pack_mm_for_cpu(x.to(at::kBFloat16), q0, group, q1).to(at::kFloat);
@@ -439,6 +443,20 @@ inline __m256 reduce8(const __m256* a) {
 }
 #endif
 
+// a = silu(g) * u = g / (1 + e^-g) * u
+inline void silu_mul(const float* g, const float* u, float* a, int64_t n) {
+  int64_t i = 0;
+#ifdef BERTH_AVX2
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    const __m256 gv = _mm256_loadu_ps(g + i);
+    const __m256 sig = _mm256_div_ps(one, _mm256_add_ps(one, exp256(_mm256_sub_ps(zero, gv))));
+    _mm256_storeu_ps(a + i, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + i)));
+  }
+#endif
+  for (; i < n; ++i) a[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+}
+
 // s[j] = scale * q . k_j
 inline void attention_scores(const float* q, const float* kc, const int64_t* offsets, int64_t len, int64_t D,
                              float scale, float* s) {
@@ -509,8 +527,10 @@ inline void weighted_values(const float* p, const float* vc, const int64_t* offs
 
 class DecodeModel {
  public:
-  DecodeModel(py::list layers, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, double eps)
-      : num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim), eps_(static_cast<float>(eps)) {
+  DecodeModel(py::list layers, at::Tensor final_norm, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+              double eps)
+      : final_norm_(final_norm), num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim),
+        eps_(static_cast<float>(eps)) {
     for (auto item : layers) {
       py::tuple t = item.cast<py::tuple>();  // (input_norm, post_norm, q_norm, k_norm, qkv, o, gate_up, down)
       Layer layer;
@@ -531,7 +551,7 @@ class DecodeModel {
   // x (B, H) fp32 embeddings; positions (B,) int64; cos_sin (P, D) fp32; kv_caches: [(k, v)] per
   // layer; block_tables (B, max_blocks) int32; context_lens (B,) int32 (including the new token);
   // quantized_max_rows as models/llama.py's QUANTIZED_MAX_ROWS. Writes each layer's new K/V into the
-  // caches and returns the last residual sum (B, H), to which the caller applies the final norm.
+  // caches and returns the model's output: the final norm of the last residual sum (B, H).
   at::Tensor forward(at::Tensor x, at::Tensor positions, at::Tensor cos_sin, py::list kv_caches,
                      at::Tensor block_tables, at::Tensor context_lens, int64_t quantized_max_rows) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be (B, H) fp32");
@@ -619,11 +639,16 @@ class DecodeModel {
         const float* g = gu_p + b * 2 * inter;
         const float* u = g + inter;
         float* a = act_p + b * inter;
-        for (int64_t i = 0; i < inter; ++i) a[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+        silu_mul(g, u, a, inter);
       }
       residual.add_(L.down(act, quantized_max_rows_));
     }
-    return residual;
+    at::Tensor out = at::empty_like(residual);
+    for (int64_t b = 0; b < batch; ++b) {
+      rms_norm_row(residual.data_ptr<float>() + b * hidden, final_norm_.data_ptr<float>(),
+                   out.data_ptr<float>() + b * hidden, hidden, eps_);
+    }
+    return out;
   }
 
  private:
@@ -658,6 +683,7 @@ class DecodeModel {
   }
 
   std::vector<Layer> layers_;
+  at::Tensor final_norm_;  // (H,)
   int64_t num_heads_, num_kv_heads_, head_dim_;
   float eps_;
   int64_t quantized_max_rows_ = 0;
@@ -667,7 +693,7 @@ class DecodeModel {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<DecodeModel>(m, "DecodeModel")
-      .def(py::init<py::list, int64_t, int64_t, int64_t, double>())
+      .def(py::init<py::list, at::Tensor, int64_t, int64_t, int64_t, double>())
       .def("forward", &DecodeModel::forward);
   m.def("q8_linear", &q8_linear, py::call_guard<py::gil_scoped_release>(), "x (M, K) fp32 @ int8 weight ((N/8, K/32, 8, 32), (N/8, K/32, 8) fp16 scales) -> (M, N)");
   m.def("q4_linear", &q4_linear, py::call_guard<py::gil_scoped_release>(),

@@ -164,20 +164,31 @@ def test_quantized_weights_keep_logits_close(tmp_path, method, min_cosine, min_a
     assert (before.argmax(-1) == after.argmax(-1)).float().mean() >= min_agree
 
 
-@pytest.mark.parametrize("method", ["int8", "int4"])
-def test_quantized_linear_uses_float_weight_for_large_inputs(method, monkeypatch):
+@pytest.mark.parametrize("method,native_kernel", [("int8", True), ("int4", False), ("int4", True)])
+def test_quantized_linear_uses_float_weight_for_large_inputs(method, native_kernel, monkeypatch):
     """Small inputs (decode) multiply the quantized weight; inputs over QUANTIZED_MAX_ROWS (prefill) the
-    kept float weight, which runs faster there; keep_float=False drops it and quantizes every product."""
+    kept float weight, which runs faster there than torch's int8/int4 kernels; keep_float=False drops it
+    and quantizes every product. The native int4 kernel, faster than fp32 GEMM, takes every size."""
+    from kernels import native
     from server.engine.models import llama
 
     monkeypatch.setattr(llama, "QUANTIZED_MAX_ROWS", 4)
+    if not native_kernel:
+        monkeypatch.setattr(native, "load", lambda: None)
+    elif method == "int4" and native.load() is None:
+        pytest.fail("the native extension must be built for this test (python -m kernels.native)")
     torch.manual_seed(0)
     layer = llama.Linear(64, [32, 32])
     layer.weight.data.normal_(0, 0.1)
     exact = lambda x: torch.nn.functional.linear(x, layer.weight)  # noqa: E731
     layer.quantize(method)
     small, large = torch.randn(4, 64), torch.randn(5, 64)
-    assert torch.equal(layer(large), exact(large))
+    if method == "int4" and native_kernel:
+        assert not torch.equal(layer(large), exact(large))
+        torch.testing.assert_close(layer(large), native.load().q4_linear(large, layer.int4.q4_packed,
+                                                                        layer.int4.q4_scale_min))
+    else:
+        assert torch.equal(layer(large), exact(large))
     assert not torch.equal(layer(small), exact(small))
     assert torch.nn.functional.cosine_similarity(layer(small), exact(small), dim=1).min() > 0.95
     layer.quantize(method, keep_float=False)

@@ -53,6 +53,8 @@ def head_dim_of(config) -> int:
 # (prefill chunks, big decode batches) with the float weight it keeps. NOTE: on this CPU torch's
 # int8/int4 kernels top out at ~55 GFLOP/s while fp32 GEMM reaches ~100, so quantized weights only
 # pay while a product is bound by reading the weights (bench/README.md, "Session 3: the native C++ decode step").
+# The native int4 kernel (~165 GFLOP/s at 128 rows) is faster than fp32 GEMM at every size, so int4
+# weights with the extension built ignore this limit (bench/README.md, "Session 4").
 QUANTIZED_MAX_ROWS = 40
 
 
@@ -70,22 +72,18 @@ class Linear(nn.Module):
         self.int4: Int4Weight | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.int4 is not None and self.int4.q4_packed is not None and x.dtype == torch.float32 \
+                and x.device.type == "cpu":
+            ext = native.load()  # the native int4 kernel (int8 activations, AVX2), at every size
+            if ext is not None:
+                y = ext.q4_linear(x, self.int4.q4_packed, self.int4.q4_scale_min)
+                return y if self.bias is None else y + self.bias
         if x.shape[0] <= QUANTIZED_MAX_ROWS or self.weight.numel() == 0:
             if self.int4 is not None:
-                return self._int4_linear(x)
+                return int4_linear(x, self.int4, self.bias)
             if self.int8 is not None:
                 return int8_linear(x, self.int8, self.bias)
         return F.linear(x, self.weight, self.bias)
-
-    def _int4_linear(self, x: Tensor) -> Tensor:
-        """The native int4 kernel (int8 activations, AVX2) for fp32 CPU inputs when it is built, else torch's."""
-        q = self.int4
-        if q.q4_packed is not None and x.dtype == torch.float32 and x.device.type == "cpu":
-            ext = native.load()
-            if ext is not None:
-                y = ext.q4_linear(x, q.q4_packed, q.q4_scale_min)
-                return y if self.bias is None else y + self.bias
-        return int4_linear(x, q, self.bias)
 
     def quantize(self, method: str, keep_float: bool = True) -> None:
         """Add the int8 or int4 form of the weight (a shape int4 cannot pack falls back to int8).
@@ -268,9 +266,8 @@ class LlamaForCausalLM(nn.Module):
         x = F.embedding(input_ids, self.model.embed_tokens.weight)  # (T, hidden)
         decoder = self._native_decoder(x, meta, kv_caches)
         if decoder is not None:
-            h = decoder.forward(x, positions, self.model.rotary_emb.cos_sin_cache, kv_caches,
-                                meta.block_tables, meta.context_lens, QUANTIZED_MAX_ROWS)  # (T, hidden)
-            return self.model.norm(h)
+            return decoder.forward(x, positions, self.model.rotary_emb.cos_sin_cache, kv_caches,  # final norm included
+                                   meta.block_tables, meta.context_lens, QUANTIZED_MAX_ROWS)  # (T, hidden)
         cos, sin = self.model.rotary_emb.lookup(positions)  # (T, 1, D/2), shared by every layer
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
@@ -304,7 +301,7 @@ class LlamaForCausalLM(nn.Module):
                 return None
             attn = self.model.layers[0].self_attn
             self._native = ext.DecodeModel([_native_layer(layer) for layer in self.model.layers],
-                                           attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                           self.model.norm.weight, attn.num_heads, attn.num_kv_heads, attn.head_dim,
                                            float(self.config.rms_norm_eps))
         return self._native
 
