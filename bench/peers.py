@@ -87,7 +87,8 @@ def absolute_table(rows: list[PeerRow]) -> str:
     return "\n".join(lines)
 
 
-async def bench_peer(spec: PeerSpec, args, counter: TokenCounter | None) -> list[PeerRow]:
+async def bench_peer(spec: PeerSpec, args, counter: TokenCounter | None) -> list[list[PointResult]]:
+    """--runs runs of every concurrency point against one server started for them."""
     runs = []
     async with running(spec):
         for run in range(args.runs):
@@ -102,7 +103,7 @@ async def bench_peer(spec: PeerSpec, args, counter: TokenCounter | None) -> list
             print(f"[{spec.name}] run {run + 1}/{args.runs}: " + ", ".join(
                 f"c={r.point.concurrency} {r.metrics.output_throughput:.1f} tok/s" for r in results), flush=True)
             runs.append(results)
-    return median_rows(spec.name, runs) if runs and runs[0] else []
+    return runs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peers", default="llama,transformers,berth", help="comma list: llama, transformers, berth, berth-int4")
     p.add_argument("--concurrency", type=lambda t: [int(v) for v in t.split(",")], default=[1, 4, 16, 64])
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat the whole comparison, peers in alternating order: on a noisy shared machine "
+                        "each peer is then measured in several time windows (medians over rounds x runs)")
     p.add_argument("--num-prompts", type=int, default=16, help="requests per point (at least 2 x concurrency)")
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
@@ -135,14 +139,20 @@ def main(argv: list[str] | None = None) -> int:
                 ok = False
         return 0 if ok else 1
     counter = TokenCounter.load()
+    runs: dict[str, list[list[PointResult]]] = {}
+    for round_index in range(args.rounds):
+        for spec in specs if round_index % 2 == 0 else specs[::-1]:
+            try:
+                runs.setdefault(spec.name, []).extend(asyncio.run(bench_peer(spec, args, counter)))
+            except RuntimeError as exc:
+                print(f"[{spec.name}] skipped: {exc}", file=sys.stderr)
     rows: list[PeerRow] = []
     for spec in specs:
-        try:
-            rows += asyncio.run(bench_peer(spec, args, counter))
-        except RuntimeError as exc:
-            print(f"[{spec.name}] skipped: {exc}", file=sys.stderr)
+        if runs.get(spec.name) and runs[spec.name][0]:
+            rows += median_rows(spec.name, runs[spec.name])
     markdown, records = ratio_table(rows)
-    report = f"## Absolute (medians of {args.runs} runs)\n\n{absolute_table(rows)}\n\n## berth / peer\n\n{markdown}\n"
+    total = args.runs * args.rounds
+    report = f"## Absolute (medians of {total} runs)\n\n{absolute_table(rows)}\n\n## berth / peer\n\n{markdown}\n"
     print(report)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
