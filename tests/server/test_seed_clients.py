@@ -64,8 +64,10 @@ def test_websocket_client_sample(live_server, tmp_path):
         code=driver)
     errors = [line for line in out.splitlines() if line.startswith("error happened")]
     # websocket-client reports the server's reply to its own close(1000) through on_error, and
-    # on_message_3 sends a second close frame when the <EOS> after the whole answer arrives (Broken pipe)
-    assert all("closed normally (code 1000)" in line or "Broken pipe" in line for line in errors), errors
+    # on_message_3 sends a second close frame when the <EOS> after the whole answer arrives: writing it
+    # to the closed socket fails with EPIPE or, depending on timing, ECONNRESET
+    benign = ("closed normally (code 1000)", "Broken pipe", "Connection reset by peer")
+    assert all(any(text in line for text in benign) for line in errors), errors
     (tmp_path / "out.txt").write_text(out)
     assert out.count("receives end message: <EOS>") == 1                 # on_open_1: streamed, then <EOS>
     assert out.count("--- message received: <EOS>") >= 5                  # on_open_2: 5 answers, 5 <EOS>
