@@ -652,14 +652,14 @@ class DecodeModel {
   }
 
  private:
-  // Each (sequence, kv head) pair attends with its `group` query heads over the context in the paged
-  // cache: scores, a max-subtracted softmax, then the weighted sum of values.
+  // Each (sequence, query head) attends over the context of its kv head in the paged cache: scores, a
+  // max-subtracted softmax, then the weighted sum of values.
   void decode_attention(const float* qkv, int64_t qkv_width, const float* kc, const float* vc,
                         const int32_t* bt, int64_t max_blocks, const int32_t* cl, int64_t block_size,
                         int64_t batch, float scale, float* out) const {
     const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, group = Hq / Hkv;
     // one work item per query head: at batch 1 the 3 kv heads of a small model would leave one of
-    // two threads idle for a third of the time; the key offsets are recomputed per item (cheap)
+    // two threads idle for a third of the time; key offsets are recomputed when the kv head changes
     at::parallel_for(0, batch * Hq, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
       std::vector<int64_t> offsets;  // each key's (and value's) offset in the cache
