@@ -46,13 +46,31 @@ class AttentionMetadata:
     num_decode_seqs: int
     block_size: int = 16
     cu_seqlens_k: Tensor | None = None  # (B+1,) int32, cumsum of context_lens (flash varlen)
-    decode_block_ids: Tensor | None = None  # (num_decode_seqs * num_decode_blocks,) int64
-    decode_mask: Tensor | None = None  # (num_decode_seqs, 1, 1, num_decode_blocks * block_size) bool
+    # (context_lens, padded block tables) of the decode rows: decode_block_ids and decode_mask are built
+    # from them on first use (the native C++ decode step never reads them)
+    decode_rows: tuple[list[int], list[list[int]]] | None = None
+    _decode_tensors: tuple[Tensor | None, Tensor | None] | None = None
     prefill_spans: list[PrefillSpan] = field(default_factory=list)
 
     @property
     def num_seqs(self) -> int:
         return self.context_lens.shape[0]
+
+    @property
+    def decode_block_ids(self) -> Tensor | None:
+        """(num_decode_seqs * num_decode_blocks,) int64: the blocks to gather for all decode rows."""
+        return self._decode_helpers()[0]
+
+    @property
+    def decode_mask(self) -> Tensor | None:
+        """(num_decode_seqs, 1, 1, num_decode_blocks * block_size) bool: valid key positions."""
+        return self._decode_helpers()[1]
+
+    def _decode_helpers(self) -> tuple[Tensor | None, Tensor | None]:
+        if self._decode_tensors is None:
+            lens, tables = self.decode_rows or ([], [])
+            self._decode_tensors = _decode_helpers(lens, tables, self.block_size, self.context_lens.device)
+        return self._decode_tensors
 
 
 def build_metadata(query_lens: list[int], context_lens: list[int], block_tables: list[list[int]],
@@ -65,8 +83,6 @@ def build_metadata(query_lens: list[int], context_lens: list[int], block_tables:
     cu_q, cu_k = _cumsum(query_lens), _cumsum(context_lens)
     max_blocks = max((len(t) for t in block_tables), default=0)
     padded = [t + [0] * (max_blocks - len(t)) for t in block_tables]
-    decode_block_ids, decode_mask = _decode_helpers(
-        context_lens[:num_decode_seqs], padded[:num_decode_seqs], block_size, device)
     spans = [_prefill_span(cu_q[i], cu_q[i + 1], context_lens[i], block_tables[i], block_size, device)
              for i in range(num_decode_seqs, num_seqs)]
     return AttentionMetadata(
@@ -79,8 +95,7 @@ def build_metadata(query_lens: list[int], context_lens: list[int], block_tables:
         num_decode_seqs=num_decode_seqs,
         block_size=block_size,
         cu_seqlens_k=torch.tensor(cu_k, dtype=torch.int32, device=device),
-        decode_block_ids=decode_block_ids,
-        decode_mask=decode_mask,
+        decode_rows=(context_lens[:num_decode_seqs], padded[:num_decode_seqs]),
         prefill_spans=spans,
     )
 

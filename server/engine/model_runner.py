@@ -55,5 +55,7 @@ class ModelRunner:
         hidden = self.model(ids, pos, self.kv_caches, meta)                          # (T, H)
         if not sample_rows:
             return hidden.new_empty((0, 0), dtype=torch.float32)
+        if len(sample_rows) == len(input_ids):                                       # e.g. pure decode
+            return self.model.compute_logits(hidden)
         rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
         return self.model.compute_logits(hidden.index_select(0, rows))               # (S, V)
