@@ -113,16 +113,6 @@ QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k) {
   return out;
 }
 
-inline void halves_to_floats(const at::Half* src, float* dst, int64_t n) {
-  int64_t i = 0;
-#ifdef BERTH_AVX2
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  }
-#endif
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
 #ifdef BERTH_AVX2
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
