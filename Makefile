@@ -22,7 +22,7 @@ $(STAMP): setup.py
 model: install
 	$(PY) -c "from server.model_store import resolve_model; print(resolve_model('$(MODEL)'))"
 
-# the C++ decode step (kernels/native.py): compiled once per machine; serving falls back without it
+# the C++ model step (kernels/native.py): compiled once per machine; serving falls back without it
 native: install
 	$(PY) -m kernels.native
 

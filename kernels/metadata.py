@@ -47,10 +47,21 @@ class AttentionMetadata:
     block_size: int = 16
     cu_seqlens_k: Tensor | None = None  # (B+1,) int32, cumsum of context_lens (flash varlen)
     # (context_lens, padded block tables) of the decode rows: decode_block_ids and decode_mask are built
-    # from them on first use (the native C++ decode step never reads them)
+    # from them on first use (the native C++ step never reads them)
     decode_rows: tuple[list[int], list[list[int]]] | None = None
     _decode_tensors: tuple[Tensor | None, Tensor | None] | None = None
     prefill_spans: list[PrefillSpan] = field(default_factory=list)
+    _token_rows: Tensor | None = None
+
+    @property
+    def token_rows(self) -> Tensor:
+        """(T,) int32: each query token's sequence (its row in block_tables). Built on first use (the
+        native C++ step reads it)."""
+        if self._token_rows is None:
+            seqs = torch.arange(self.num_seqs, dtype=torch.int32, device=self.cu_seqlens_q.device)
+            self._token_rows = (seqs if self.num_decode_seqs == self.num_seqs else
+                                torch.repeat_interleave(seqs, self.cu_seqlens_q.diff()))
+        return self._token_rows
 
     @property
     def num_seqs(self) -> int:

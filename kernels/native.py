@@ -1,11 +1,12 @@
-"""berth's C++ CPU decode step (kernels/csrc/cpu_decode.cpp), compiled once per machine and cached.
+"""berth's C++ CPU model step (kernels/csrc/cpu_model.cpp: decode, prefill and mixed batches), compiled once
+per machine and cached.
 
     from kernels import native
     ext = native.load()          # the extension module, or None (with one log line saying why)
 
 The source is compiled by torch.utils.cpp_extension with -march=native on the machine that runs it
 (about 50 s on 2 cores, once; later loads take well under a second) into
-$BERTH_CACHE/torch_extensions/cpu_decode-<CPU fingerprint>. `python -m kernels.native` builds it ahead of
+$BERTH_CACHE/torch_extensions/cpu_model-<CPU fingerprint>. `python -m kernels.native` builds it ahead of
 time (make does so before serving or testing). BERTH_NATIVE=0 disables it: every step then runs the PyTorch path,
 which is also the oracle the tests compare the extension against.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 log = logging.getLogger("berth.kernels")
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_decode.cpp"
+SOURCE = Path(__file__).parent / "csrc" / "cpu_model.cpp"
 _UNTRIED = object()
 _module = _UNTRIED
 
@@ -35,7 +36,7 @@ def build_dir() -> Path:
     (a cache directory shared between machines)."""
     # NOTE: same default as server.model_store.cache_dir(); kernels/ does not import server/.
     cache = Path(os.environ.get("BERTH_CACHE") or Path.home() / ".cache" / "berth")
-    return cache / "torch_extensions" / f"cpu_decode-{cpu_fingerprint()}"
+    return cache / "torch_extensions" / f"cpu_model-{cpu_fingerprint()}"
 
 
 def cpu_fingerprint() -> str:
@@ -66,12 +67,12 @@ def load():
         directory.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
         _module = load_extension(
-            name="berth_cpu_decode", sources=[str(SOURCE)], build_directory=str(directory),
+            name="berth_cpu_model", sources=[str(SOURCE)], build_directory=str(directory),
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
         if time.monotonic() - start > 5:
-            log.info("compiled the native CPU decode step in %.0f s (%s)", time.monotonic() - start, directory)
+            log.info("compiled the native CPU model step in %.0f s (%s)", time.monotonic() - start, directory)
     except Exception as exc:  # noqa: BLE001 - any build failure means "use the PyTorch path"
-        log.warning("native CPU decode step unavailable, using the PyTorch path: %s",
+        log.warning("native CPU model step unavailable, using the PyTorch path: %s",
                     str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__)
     return _module
 
@@ -79,7 +80,7 @@ def load():
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     module = load()
-    print(f"native CPU decode step: {'ready' if module else 'unavailable'} ({build_dir()})")
+    print(f"native CPU model step: {'ready' if module else 'unavailable'} ({build_dir()})")
     return 0 if module or not enabled() else 1
 
 

@@ -39,7 +39,7 @@ def int8_linear(x: Tensor, weight: Int8Weight, bias: Tensor | None = None) -> Te
     return y if bias is None else y + bias
 
 
-NATIVE_MAX_K = 65536   # the native kernels' largest input width (kMaxGroups * 32 in cpu_decode.cpp)
+NATIVE_MAX_K = 65536   # the native kernels' largest input width (kMaxGroups * 32 in cpu_model.cpp)
 
 
 @dataclass(slots=True)
@@ -75,7 +75,7 @@ class Int4Weight:
     packed: Tensor         # CPU: torch's int4pack layout; elsewhere (N, K) uint8 codes 0..15
     scales_zeros: Tensor   # (K // group, N, 2): w = (code - 8) * scale + zero, bf16 on CPU
     group_size: int
-    # CPU, group 32, N % 8 == 0: the same codes in the native kernel's layout (kernels/csrc/cpu_decode.cpp q4_linear):
+    # CPU, group 32, N % 8 == 0: the same codes in the native kernel's layout (kernels/csrc/cpu_model.cpp q4_linear):
     q4_packed: Tensor | None = None      # (N // 8, K // 32, 4, 32) uint8: 8 rows x 4 inputs per 32 bytes, see pack_q4
     q4_scale_min: Tensor | None = None   # (N // 8, K // 32, 2, 8) fp16: w = code * scale + min
 

@@ -51,11 +51,11 @@ class Engine:
         per_block = kv_bytes_per_token(model.config, dtype) * config.block_size
         num_blocks = max(int(config.kv_cache_gib * 2**30) // per_block, 2)
         runner = ModelRunner(model, device, dtype, config.block_size, num_blocks)
-        # build the C++ decode step now (once per machine) rather than on the first request
-        native_decode = device.type == "cpu" and dtype == torch.float32 and native.load() is not None
+        # build the C++ model step now (once per machine) rather than on the first request
+        native_step = device.type == "cpu" and dtype == torch.float32 and native.load() is not None
         log.info("paged engine: %s %s%s, %d KV blocks of %d tokens%s", device, dtype,
                  "" if config.quantization == "none" else f", {config.quantization} weights", num_blocks,
-                 config.block_size, ", native decode step" if native_decode else "")
+                 config.block_size, ", native step" if native_step else "")
         return cls(runner, Tokenizer(folder), config, max_model_len)
 
     def add(self, request: GenerateRequest) -> None:

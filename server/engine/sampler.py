@@ -21,15 +21,17 @@ _MIN_TEMPERATURE = 1e-5   # below this a row is treated as greedy (logits / T wo
 
 @dataclass(slots=True)
 class SamplingTensors:
-    """Per-step sampling parameters as (B,) tensors, plus flags that let sample() skip work."""
-    temperatures: torch.Tensor        # (B,) float32, 1.0 on greedy rows
-    is_greedy: torch.Tensor           # (B,) bool
-    top_k: torch.Tensor               # (B,) int64, 0 means off
-    top_p: torch.Tensor               # (B,) float32
-    min_p: torch.Tensor               # (B,) float32
-    presence_penalties: torch.Tensor  # (B,) float32
-    frequency_penalties: torch.Tensor  # (B,) float32
-    repetition_penalties: torch.Tensor  # (B,) float32
+    """Per-step sampling parameters as (B,) tensors, plus flags that let sample() skip work. Tensors a
+    step does not read are None: the random-sampling ones when every row is greedy, the penalty ones
+    when no row has a penalty (a greedy decode step builds no tensor at all)."""
+    temperatures: torch.Tensor | None        # (B,) float32, 1.0 on greedy rows
+    is_greedy: torch.Tensor | None           # (B,) bool
+    top_k: torch.Tensor | None               # (B,) int64, 0 means off
+    top_p: torch.Tensor | None               # (B,) float32
+    min_p: torch.Tensor | None               # (B,) float32
+    presence_penalties: torch.Tensor | None  # (B,) float32
+    frequency_penalties: torch.Tensor | None  # (B,) float32
+    repetition_penalties: torch.Tensor | None  # (B,) float32
     num_top_logprobs: list[int]       # per row, 0 when not asked
     all_greedy: bool
     any_penalties: bool
@@ -42,23 +44,28 @@ class SamplingTensors:
     def build(cls, params_list: list[SamplingParams], device: torch.device | str) -> SamplingTensors:
         greedy = [p.temperature < _MIN_TEMPERATURE for p in params_list]
         top_k = [p.top_k if p.top_k > 0 else 0 for p in params_list]   # -1 and 0 both mean off
+        all_greedy = all(greedy)
+        any_penalties = any(p.presence_penalty != 0 or p.frequency_penalty != 0 or p.repetition_penalty != 1
+                            for p in params_list)
 
         def f32(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)
 
+        random = None if all_greedy else (
+            f32([1.0 if g else p.temperature for g, p in zip(greedy, params_list)]),
+            torch.tensor(greedy, dtype=torch.bool, device=device),
+            torch.tensor(top_k, dtype=torch.int64, device=device),
+            f32([p.top_p for p in params_list]),
+            f32([p.min_p for p in params_list]))
+        penalties = None if not any_penalties else (
+            f32([p.presence_penalty for p in params_list]),
+            f32([p.frequency_penalty for p in params_list]),
+            f32([p.repetition_penalty for p in params_list]))
         return cls(
-            temperatures=f32([1.0 if g else p.temperature for g, p in zip(greedy, params_list)]),
-            is_greedy=torch.tensor(greedy, dtype=torch.bool, device=device),
-            top_k=torch.tensor(top_k, dtype=torch.int64, device=device),
-            top_p=f32([p.top_p for p in params_list]),
-            min_p=f32([p.min_p for p in params_list]),
-            presence_penalties=f32([p.presence_penalty for p in params_list]),
-            frequency_penalties=f32([p.frequency_penalty for p in params_list]),
-            repetition_penalties=f32([p.repetition_penalty for p in params_list]),
+            *(random or (None,) * 5), *(penalties or (None,) * 3),
             num_top_logprobs=[p.top_logprobs if p.logprobs else 0 for p in params_list],
-            all_greedy=all(greedy),
-            any_penalties=any(p.presence_penalty != 0 or p.frequency_penalty != 0
-                              or p.repetition_penalty != 1 for p in params_list),
+            all_greedy=all_greedy,
+            any_penalties=any_penalties,
             any_top_k=any(k > 0 for g, k in zip(greedy, top_k) if not g),
             any_top_p=any(p.top_p < 1 for g, p in zip(greedy, params_list) if not g),
             any_min_p=any(p.min_p > 0 for g, p in zip(greedy, params_list) if not g),

@@ -135,7 +135,9 @@ def test_build_flags():
     t = SamplingTensors.build([SamplingParams(temperature=0.0, top_k=5), SamplingParams(top_k=-1)], "cpu")
     assert not t.all_greedy and not t.any_top_k and not t.any_top_p and not t.any_penalties
     assert t.top_k.tolist() == [5, 0] and t.temperatures.tolist() == [1.0, 1.0]
-    assert SamplingTensors.build([SamplingParams(temperature=1e-9)], "cpu").all_greedy
+    greedy = SamplingTensors.build([SamplingParams(temperature=1e-9), SamplingParams(temperature=0.0)], "cpu")
+    assert greedy.all_greedy and greedy.temperatures is None and greedy.presence_penalties is None
+    assert t.presence_penalties is None   # no penalty anywhere: nothing to build
 
 
 def test_inverse_cdf_never_picks_a_zero_probability_token_and_needs_no_normalization():

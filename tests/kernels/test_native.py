@@ -1,9 +1,10 @@
-"""The C++ decode step (kernels/native.py) against the PyTorch path on tiny random checkpoints.
+"""The C++ model step (kernels/native.py) against the PyTorch path on tiny random checkpoints.
 
 The PyTorch path is itself checked against transformers (tests/engine/test_models.py); these tests
-pin the extension to it: same hidden states and the same KV cache after a decode step, for every
-supported architecture, batched rows with different context lengths, float and quantized weights.
-CI builds the extension (`python -m kernels.native`), so a missing extension fails here, not skips.
+pin the extension to it: same hidden states and the same KV cache after a decode step, a prefill step
+and a mixed step, for every supported architecture, batched rows with different context lengths,
+float and quantized weights. CI builds the extension (`python -m kernels.native`), so a missing
+extension fails here, not skips.
 """
 import itertools
 
@@ -17,19 +18,31 @@ from tests.engine.test_models import BLOCK_SIZE, PROMPT, checkpoint, new_caches,
 TABLES = [[1, 4, 6, 8], [2, 10, 12, 14], [3, 5, 7, 9]]
 LENGTHS = [9, 13, 4]   # context lengths after the step: 3, 4 and 1 blocks
 OFFSETS = [3, 0, 6]    # each sequence is PROMPT[offset:offset + length]
+# tokens each sequence computes in the step, by kind of step: the rest of its context is cached first
+NEW_TOKENS = {"decode": [1, 1, 1], "prefill": [9, 6, 4], "mixed": [1, 5, 4]}
+
+
+def model_step(model, caches, use_native: bool, kind: str = "decode"):
+    """Cache each sequence's first tokens (PyTorch path), then one step over the rest of all three
+    together: one new token each (decode), whole prompts and chunks over a cached prefix (prefill), or
+    decode rows before prefill rows (mixed, the scheduler's order)."""
+    model.native_step = False
+    new = NEW_TOKENS[kind]
+    for table, n, i, q in zip(TABLES, LENGTHS, OFFSETS, new):
+        if n > q:
+            run_chunk(model, caches, PROMPT[i:i + n - q], 0, table)
+    model.native_step = use_native
+    ids, positions, slots = [], [], []
+    for table, n, i, q in zip(TABLES, LENGTHS, OFFSETS, new):
+        ids += PROMPT[i + n - q:i + n]
+        positions += range(n - q, n)
+        slots += [table[p // BLOCK_SIZE] * BLOCK_SIZE + p % BLOCK_SIZE for p in range(n - q, n)]
+    meta = build_metadata(new, LENGTHS, TABLES, slots, BLOCK_SIZE, "cpu")
+    return model(torch.tensor(ids), torch.tensor(positions), caches, meta)
 
 
 def decode_step(model, caches, use_native: bool):
-    """Prefill three sequences (PyTorch path), then one decode step of all three together."""
-    model.native_decode = False
-    for table, n, i in zip(TABLES, LENGTHS, OFFSETS):
-        run_chunk(model, caches, PROMPT[i:i + n - 1], 0, table)
-    model.native_decode = use_native
-    slots = [t[(n - 1) // BLOCK_SIZE] * BLOCK_SIZE + (n - 1) % BLOCK_SIZE for t, n in zip(TABLES, LENGTHS)]
-    meta = build_metadata([1, 1, 1], LENGTHS, TABLES, slots, BLOCK_SIZE, "cpu")
-    ids = torch.tensor([PROMPT[i + n - 1] for i, n in zip(OFFSETS, LENGTHS)])
-    positions = torch.tensor([n - 1 for n in LENGTHS])
-    return model(ids, positions, caches, meta)
+    return model_step(model, caches, use_native, "decode")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,26 +54,47 @@ def extension():
     return module
 
 
+@pytest.mark.parametrize("kind", ["decode", "prefill", "mixed"])
 @pytest.mark.parametrize("quantization", ["none", "int8", "int4"])
-def test_native_decode_matches_pytorch_path(checkpoint, quantization):  # noqa: F811
+def test_native_step_matches_pytorch_path(checkpoint, quantization, kind):  # noqa: F811
     _, folder, _ = checkpoint
     from server.engine.models.weights import build_model
     model = build_model(folder, torch.float32, "cpu")
     if quantization != "none":
         model.quantize(quantization)
     ref_caches, nat_caches = new_caches(model), new_caches(model)
-    expected = decode_step(model, ref_caches, use_native=False)
-    got = decode_step(model, nat_caches, use_native=True)
-    assert model._native is not None, "the decode step did not take the native path"
-    if quantization != "int4":
+    expected = model_step(model, ref_caches, use_native=False, kind=kind)
+    got = model_step(model, nat_caches, use_native=True, kind=kind)
+    assert model._native is not None, "the step did not take the native path"
+    assert got.shape == expected.shape == (sum(NEW_TOKENS[kind]), model.config.hidden_size)
+    if quantization == "none":
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
         for (k_ref, v_ref), (k_nat, v_nat) in zip(ref_caches, nat_caches):
             torch.testing.assert_close(k_nat, k_ref, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(v_nat, v_ref, atol=1e-5, rtol=1e-5)
+    elif quantization == "int8":
+        # torch's int8 kernel rounds activations to bf16: an fp32 difference of one ulp can move a
+        # rounding by 2^-8 (seen on Mistral's prefill), so the bound is bf16's, not fp32's
+        torch.testing.assert_close(got, expected, atol=1e-2, rtol=1e-2)
+        assert torch.nn.functional.cosine_similarity(got, expected, dim=1).min() > 0.9999
     else:  # the native int4 kernel also rounds the activations to int8 per group of 32 (q4_linear below)
         assert torch.nn.functional.cosine_similarity(got, expected, dim=1).min() > 0.999
         for (k_ref, _), (k_nat, _) in zip(ref_caches, nat_caches):
             assert torch.nn.functional.cosine_similarity(k_nat.flatten(), k_ref.flatten(), dim=0) > 0.999
+
+
+def test_native_prefill_attention_is_balanced_and_causal(checkpoint):  # noqa: F811
+    """A prompt long enough for the pair-split attention (>= 64 query heads): each token sees exactly
+    its prefix, as in the PyTorch path, for every token of a 40-token prompt over 10 blocks."""
+    _, _, model = checkpoint
+    prompt = (PROMPT * 4)[:40]
+    table = [20, 3, 17, 8, 11, 1, 29, 5, 14, 26]
+    model.native_step = False
+    expected = run_chunk(model, new_caches(model), prompt, 0, table)
+    model.native_step, model._native = True, None
+    got = run_chunk(model, new_caches(model), prompt, 0, table)
+    assert model._native is not None
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
 
 
 def quantized_activations(x: torch.Tensor) -> torch.Tensor:
@@ -125,12 +159,12 @@ def test_q4_and_q8_kernels_refuse_bad_input(extension):
         extension.q8_linear(torch.randn(2, 128), q8.qweight.float(), q8.scales)
 
 
-def test_native_decode_is_used_only_for_pure_decode_fp32(checkpoint):  # noqa: F811
-    """A prefill row or a bf16 model keeps the PyTorch path (the extension refuses nothing silently)."""
+def test_native_step_is_used_for_fp32_only(checkpoint):  # noqa: F811
+    """An fp32 prefill builds the native model; a bf16 model keeps the PyTorch path."""
     _, folder, model = checkpoint
-    model.native_decode, model._native = True, None
-    run_chunk(model, new_caches(model), PROMPT[:5], 0, [1, 2])  # prefill: never builds the decoder
-    assert model._native is None
+    model.native_step, model._native = True, None
+    run_chunk(model, new_caches(model), PROMPT[:5], 0, [1, 2])
+    assert model._native is not None
     from server.engine.models.weights import build_model
     bf16 = build_model(folder, torch.bfloat16, "cpu")
     caches = [(k.bfloat16(), v.bfloat16()) for k, v in new_caches(bf16)]
@@ -139,21 +173,33 @@ def test_native_decode_is_used_only_for_pure_decode_fp32(checkpoint):  # noqa: F
     assert getattr(bf16, "_native", None) is None
 
 
-def test_native_decode_checks_its_inputs(checkpoint, extension):  # noqa: F811
+def test_native_step_checks_its_inputs(checkpoint, extension):  # noqa: F811
+    """Bad shapes, dtypes or indices raise instead of reading or writing outside a tensor."""
     _, _, model = checkpoint
-    model.native_decode, model._native = True, None
+    model.native_step, model._native = True, None
     decode_step(model, new_caches(model), use_native=True)
-    decoder, caches = model._native, new_caches(model)
+    step, caches = model._native, new_caches(model)
     x = torch.zeros(1, model.config.hidden_size)
     cos_sin = model.model.rotary_emb.cos_sin_cache
-    table, lens = torch.tensor([[0]], dtype=torch.int32), torch.tensor([1], dtype=torch.int32)
+    table, rows = torch.tensor([[0]], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
+    pos = torch.tensor([0])
     with pytest.raises(RuntimeError, match="int32"):
-        decoder.forward(x, torch.tensor([0]), cos_sin, caches, table.long(), lens, 16)
+        step.forward(x, pos, cos_sin, caches, table.long(), rows, 16)
     with pytest.raises(RuntimeError, match="fp32"):
-        decoder.forward(x.double(), torch.tensor([0]), cos_sin, caches, table, lens, 16)
+        step.forward(x.double(), pos, cos_sin, caches, table, rows, 16)
     with pytest.raises(RuntimeError, match="per layer"):
-        decoder.forward(x, torch.tensor([0]), cos_sin, caches[:1], table, lens, 16)
-    assert decoder.forward(x, torch.tensor([0]), cos_sin, caches, table, lens, 16).shape == x.shape
+        step.forward(x, pos, cos_sin, caches[:1], table, rows, 16)
+    with pytest.raises(RuntimeError, match="one position and row per token"):
+        step.forward(x, torch.tensor([0, 1]), cos_sin, caches, table, rows, 16)
+    with pytest.raises(RuntimeError, match="token_rows out of range"):
+        step.forward(x, pos, cos_sin, caches, table, torch.tensor([1], dtype=torch.int32), 16)
+    with pytest.raises(RuntimeError, match="outside the block table"):
+        step.forward(x, torch.tensor([BLOCK_SIZE]), cos_sin, caches, table, rows, 16)
+    with pytest.raises(RuntimeError, match="outside the KV cache"):
+        step.forward(x, pos, cos_sin, caches, torch.tensor([[len(caches[0][0])]], dtype=torch.int32), rows, 16)
+    with pytest.raises(RuntimeError, match="KV caches"):
+        step.forward(x, pos, cos_sin, [(k.double(), v.double()) for k, v in caches], table, rows, 16)
+    assert step.forward(x, pos, cos_sin, caches, table, rows, 16).shape == x.shape
 
 
 def test_disabled_by_environment(monkeypatch):
@@ -166,7 +212,7 @@ def test_build_directory_is_per_cpu(monkeypatch, tmp_path):
     """A -march=native build is only reused on a CPU with the same model and instruction-set flags."""
     monkeypatch.setenv("BERTH_CACHE", str(tmp_path))
     first = native.build_dir()
-    assert first.parent == tmp_path / "torch_extensions" and first.name.startswith("cpu_decode-")
+    assert first.parent == tmp_path / "torch_extensions" and first.name.startswith("cpu_model-")
     assert native.build_dir() == first
     monkeypatch.setattr(native, "cpu_fingerprint", lambda: "othercpu")
     assert native.build_dir() != first

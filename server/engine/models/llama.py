@@ -257,17 +257,18 @@ class LlamaForCausalLM(nn.Module):
                                nn.Parameter(torch.empty(config.vocab_size, config.hidden_size),
                                             requires_grad=False))
 
-    # Pure-decode CPU fp32 steps run every layer in one C++ call (kernels/native.py) unless this is False.
-    native_decode = True
+    # CPU fp32 steps (decode, prefill or mixed) run every layer in one C++ call (kernels/native.py)
+    # unless this is False.
+    native_step = True
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]],
                 meta: AttentionMetadata) -> Tensor:
         x = F.embedding(input_ids, self.model.embed_tokens.weight)  # (T, hidden)
-        decoder = self._native_decoder(x, meta, kv_caches)
-        if decoder is not None:
-            return decoder.forward(x, positions, self.model.rotary_emb.cos_sin_cache, kv_caches,  # final norm included
-                                   meta.block_tables, meta.context_lens, QUANTIZED_MAX_ROWS)  # (T, hidden)
+        native_model = self._native_model(x, kv_caches)
+        if native_model is not None:
+            return native_model.forward(x, positions, self.model.rotary_emb.cos_sin_cache, kv_caches,  # final norm included
+                                        meta.block_tables, meta.token_rows, QUANTIZED_MAX_ROWS)  # (T, hidden)
         cos, sin = self.model.rotary_emb.lookup(positions)  # (T, 1, D/2), shared by every layer
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
@@ -289,18 +290,18 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.lm_head.weight.shape[1]
         self._lm_head_q8 = quantize_q8(self.lm_head.weight) if hidden % 32 == 0 and hidden <= NATIVE_MAX_K else None
 
-    def _native_decoder(self, x: Tensor, meta: AttentionMetadata, kv_caches: list[tuple[Tensor, Tensor]]):
-        """The C++ decoder when this step can use it: only decode rows, fp32 on the CPU, extension built."""
-        if not (self.native_decode and x.device.type == "cpu" and x.dtype == torch.float32
-                and 0 < x.shape[0] == meta.num_decode_seqs and kv_caches[0][0].dtype == torch.float32):
+    def _native_model(self, x: Tensor, kv_caches: list[tuple[Tensor, Tensor]]):
+        """The C++ model when this step can use it: fp32 on the CPU, extension built."""
+        if not (self.native_step and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] > 0
+                and kv_caches[0][0].dtype == torch.float32):
             return None
         if getattr(self, "_native", None) is None:
             ext = native.load()
             if ext is None:
-                self.native_decode = False
+                self.native_step = False
                 return None
             attn = self.model.layers[0].self_attn
-            self._native = ext.DecodeModel([_native_layer(layer) for layer in self.model.layers],
+            self._native = ext.NativeModel([_native_layer(layer) for layer in self.model.layers],
                                            self.model.norm.weight, attn.num_heads, attn.num_kv_heads, attn.head_dim,
                                            float(self.config.rms_norm_eps))
         return self._native
@@ -308,7 +309,7 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: Tensor) -> Tensor:
         if getattr(self, "_lm_head_q8", None) is not None:  # native Q8_0: ~2x fp32 GEMM at any batch
-            ext = native.load() if self.native_decode and hidden.dtype == torch.float32 else None
+            ext = native.load() if self.native_step and hidden.dtype == torch.float32 else None
             if ext is not None and hidden.device.type == "cpu":
                 q8 = self._lm_head_q8
                 logits = ext.q8_linear(hidden, q8.qweight, q8.scales)  # (B, vocab rounded up to 8)
@@ -329,7 +330,7 @@ class LlamaForCausalLM(nn.Module):
 
 
 def _native_linear(linear: Linear) -> tuple:
-    """(weight, quant 0|1|2, q0, q1, group, bias, q4_packed, q4_scale_min) as kernels/csrc/cpu_decode.cpp
+    """(weight, quant 0|1|2, q0, q1, group, bias, q4_packed, q4_scale_min) as kernels/csrc/cpu_model.cpp
     reads a Linear."""
     if linear.int4 is not None:
         q = linear.int4

@@ -1,15 +1,17 @@
-// One decode step of a Llama-family model on the CPU, every layer in one call.
+// One forward step of a Llama-family model on the CPU, every layer in one call: decode rows, prefill
+// chunks (over a cached prefix or not) and mixed batches of both.
 //
 // Why: at batch 1 the eager PyTorch forward issues ~45 ops per layer and spends about as long in
-// per-op dispatch (~14 ms per step for SmolLM2-135M) as in the matmuls. Here the small work
-// (RMSNorm, residual adds, RoPE, the KV store, decode attention over the paged cache, SiLU*up) is
-// plain loops over fp32 rows, and only the linear layers go through ATen (fp32 GEMM or torch's int8
-// and int4 weight-only kernels), so a step costs the matmuls plus a few microseconds per layer.
+// per-op dispatch (~14 ms per step for SmolLM2-135M) as in the matmuls; a 128-token prefill spent ~70
+// of its ~240 ms outside the matmuls. Here the small work (RMSNorm, residual adds, RoPE, the KV store,
+// causal attention over the paged cache, SiLU*up) is plain loops over fp32 rows, and only the linear
+// layers go through ATen (fp32 GEMM or torch's int8 and int4 weight-only kernels) or our int4 kernel,
+// so a step costs the matmuls plus a few microseconds per layer.
 //
-// Scope: pure decode batches (one new token per sequence), fp32 activations and KV cache in the
-// (num_blocks, block_size, num_kv_heads, head_dim) layout of kernels/reference.py. Everything else
-// (prefill, mixed batches, other dtypes) stays on the Python path, which is also the oracle the
-// tests compare this against (kernels/native.py).
+// Scope: fp32 activations and KV cache in the (num_blocks, block_size, num_kv_heads, head_dim) layout
+// of kernels/reference.py. Each token attends to its own sequence's keys 0..position (the new keys of
+// the step are stored first). Other dtypes and devices stay on the Python path, which is also the
+// oracle the tests compare this against (kernels/native.py).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -515,9 +517,15 @@ inline void weighted_values(const float* p, const float* vc, const int64_t* offs
   for (int64_t j = 0; j < len; ++j) axpy(p[j], vc + offsets[j], out, D);
 }
 
-class DecodeModel {
+// fn(begin, end) over rows [0, n), split across threads for large n (inline for a decode batch)
+template <typename Fn>
+inline void for_rows(int64_t n, Fn fn) {
+  at::parallel_for(0, n, 16, fn);
+}
+
+class NativeModel {
  public:
-  DecodeModel(py::list layers, at::Tensor final_norm, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+  NativeModel(py::list layers, at::Tensor final_norm, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
               double eps)
       : final_norm_(final_norm), num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim),
         eps_(static_cast<float>(eps)) {
@@ -538,136 +546,164 @@ class DecodeModel {
     }
   }
 
-  // x (B, H) fp32 embeddings; positions (B,) int64; cos_sin (P, D) fp32; kv_caches: [(k, v)] per
-  // layer; block_tables (B, max_blocks) int32; context_lens (B,) int32 (including the new token);
-  // quantized_max_rows as models/llama.py's QUANTIZED_MAX_ROWS. Writes each layer's new K/V into the
-  // caches and returns the model's output: the final norm of the last residual sum (B, H).
+  // x (T, H) fp32 embeddings of the step's tokens; positions (T,) int64; cos_sin (P, D) fp32;
+  // kv_caches: [(k, v)] per layer; block_tables (S, max_blocks) int32, one row per sequence;
+  // token_rows (T,) int32: each token's row in block_tables. A token at position p is stored at
+  // its slot and attends to keys 0..p of its sequence. quantized_max_rows as models/llama.py's
+  // QUANTIZED_MAX_ROWS. Writes each layer's new K/V into the caches and returns the model's output:
+  // the final norm of the last residual sum (T, H).
   at::Tensor forward(at::Tensor x, at::Tensor positions, at::Tensor cos_sin, py::list kv_caches,
-                     at::Tensor block_tables, at::Tensor context_lens, int64_t quantized_max_rows) {
-    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be (B, H) fp32");
+                     at::Tensor block_tables, at::Tensor token_rows, int64_t quantized_max_rows) {
+    TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be (T, H) fp32");
     TORCH_CHECK(static_cast<size_t>(kv_caches.size()) == layers_.size(), "one (k, v) cache per layer");
-    TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
-                "block_tables and context_lens must be int32");
+    TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 &&
+                token_rows.scalar_type() == at::kInt, "block_tables and token_rows must be int32");
     TORCH_CHECK(positions.scalar_type() == at::kLong && cos_sin.scalar_type() == at::kFloat &&
                 cos_sin.is_contiguous(), "positions int64, cos_sin contiguous fp32");
+    const int64_t tokens = x.size(0), hidden = x.size(1);
+    TORCH_CHECK(positions.numel() == tokens && token_rows.numel() == tokens, "one position and row per token");
     std::vector<std::pair<at::Tensor, at::Tensor>> caches;
     for (auto item : kv_caches) {
       py::tuple kv = item.cast<py::tuple>();
       caches.emplace_back(kv[0].cast<at::Tensor>(), kv[1].cast<at::Tensor>());
     }
+    const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, half = D / 2;
+    for (const auto& kv : caches) {
+      TORCH_CHECK(kv.first.scalar_type() == at::kFloat && kv.first.is_contiguous() && kv.first.dim() == 4 &&
+                  kv.second.sizes() == kv.first.sizes() && kv.second.scalar_type() == at::kFloat &&
+                  kv.second.is_contiguous() && kv.first.size(2) == Hkv && kv.first.size(3) == D,
+                  "KV caches must be contiguous fp32 (blocks, block_size, kv_heads, head_dim)");
+    }
+    auto bt = block_tables.contiguous();
+    auto rows = token_rows.contiguous();
+    auto pos = positions.contiguous();
+    const int32_t* bt_p = bt.data_ptr<int32_t>();
+    const int32_t* row_p = rows.data_ptr<int32_t>();
+    const int64_t* pos_p = pos.data_ptr<int64_t>();
+    const int64_t max_blocks = bt.size(1), num_blocks = caches.empty() ? 0 : caches[0].first.size(0);
+    const int64_t block_size = caches.empty() ? 1 : caches[0].first.size(1);
+    std::vector<int64_t> row_end(bt.size(0), 0);  // every index used below is in range
+    for (int64_t t = 0; t < tokens; ++t) {
+      TORCH_CHECK(row_p[t] >= 0 && row_p[t] < bt.size(0), "token_rows out of range");
+      TORCH_CHECK(pos_p[t] >= 0 && pos_p[t] < cos_sin.size(0) && pos_p[t] < max_blocks * block_size,
+                  "position ", pos_p[t], " outside the block table or the RoPE cache");
+      row_end[row_p[t]] = std::max(row_end[row_p[t]], pos_p[t] + 1);
+    }
+    for (int64_t r = 0; r < bt.size(0); ++r) {
+      for (int64_t j = 0; j * block_size < row_end[r]; ++j) {
+        const int32_t block = bt_p[r * max_blocks + j];
+        TORCH_CHECK(block >= 0 && block < num_blocks, "block id ", block, " outside the KV cache");
+      }
+    }
     // Python objects are not touched below: let the server's event loop run while the step computes
     py::gil_scoped_release no_gil;
     at::NoGradGuard no_grad;
     quantized_max_rows_ = quantized_max_rows;
-    const int64_t batch = x.size(0), hidden = x.size(1);
-    const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, half = D / 2;
     const int64_t qkv_width = (Hq + 2 * Hkv) * D;
-    auto bt = block_tables.contiguous();
-    auto cl = context_lens.contiguous();
-    auto pos = positions.contiguous();
-    const int32_t* bt_p = bt.data_ptr<int32_t>();
-    const int32_t* cl_p = cl.data_ptr<int32_t>();
-    const int64_t* pos_p = pos.data_ptr<int64_t>();
-    const int64_t max_blocks = bt.size(1);
     const float* cs_p = cos_sin.data_ptr<float>();
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
 
     at::Tensor residual = x.clone();
     at::Tensor normed = at::empty_like(x);
-    at::Tensor attn = at::empty({batch, Hq * D}, x.options());
+    at::Tensor attn = at::empty({tokens, Hq * D}, x.options());
     float* res_p = residual.data_ptr<float>();
     float* nrm_p = normed.data_ptr<float>();
+    auto norm_rows = [&](const at::Tensor& weight, const float* in, float* out) {
+      const float* w = weight.data_ptr<float>();
+      for_rows(tokens, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) rms_norm_row(in + t * hidden, w, out + t * hidden, hidden, eps_);
+      });
+    };
 
     for (size_t li = 0; li < layers_.size(); ++li) {
       const Layer& L = layers_[li];
-      const at::Tensor& k_cache = caches[li].first;
-      const at::Tensor& v_cache = caches[li].second;
-      TORCH_CHECK(k_cache.scalar_type() == at::kFloat && k_cache.is_contiguous(), "fp32 contiguous KV cache");
-      const int64_t block_size = k_cache.size(1);
-      float* kc = k_cache.data_ptr<float>();
-      float* vc = v_cache.data_ptr<float>();
+      float* kc = caches[li].first.data_ptr<float>();
+      float* vc = caches[li].second.data_ptr<float>();
 
-      const float* w_in = L.input_norm.data_ptr<float>();
-      for (int64_t b = 0; b < batch; ++b)
-        rms_norm_row(res_p + b * hidden, w_in, nrm_p + b * hidden, hidden, eps_);
-
-      at::Tensor qkv = L.qkv(normed, quantized_max_rows_).contiguous();  // (B, (Hq + 2Hkv) D)
+      norm_rows(L.input_norm, res_p, nrm_p);
+      at::Tensor qkv = L.qkv(normed, quantized_max_rows_).contiguous();  // (T, (Hq + 2Hkv) D)
       float* qkv_p = qkv.data_ptr<float>();
-      for (int64_t b = 0; b < batch; ++b) {
-        float* row = qkv_p + b * qkv_width;
-        const float* cos = cs_p + pos_p[b] * D;
-        const float* sin = cos + half;
-        if (L.q_norm.defined()) {
-          const float* qn = L.q_norm.data_ptr<float>();
-          const float* kn = L.k_norm.data_ptr<float>();
-          for (int64_t h = 0; h < Hq; ++h) rms_norm_row(row + h * D, qn, row + h * D, D, eps_);
-          for (int64_t h = Hq; h < Hq + Hkv; ++h) rms_norm_row(row + h * D, kn, row + h * D, D, eps_);
+      for_rows(tokens, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          float* row = qkv_p + t * qkv_width;
+          const int64_t p = pos_p[t];
+          const float* cos = cs_p + p * D;
+          const float* sin = cos + half;
+          if (L.q_norm.defined()) {
+            const float* qn = L.q_norm.data_ptr<float>();
+            const float* kn = L.k_norm.data_ptr<float>();
+            for (int64_t h = 0; h < Hq; ++h) rms_norm_row(row + h * D, qn, row + h * D, D, eps_);
+            for (int64_t h = Hq; h < Hq + Hkv; ++h) rms_norm_row(row + h * D, kn, row + h * D, D, eps_);
+          }
+          for (int64_t h = 0; h < Hq + Hkv; ++h) rope_row(row + h * D, cos, sin, half);
+          // store this token's K and V at its slot (before any token of the step attends)
+          const int64_t slot = static_cast<int64_t>(bt_p[row_p[t] * max_blocks + p / block_size]) * block_size +
+                               p % block_size;
+          std::copy(row + Hq * D, row + (Hq + Hkv) * D, kc + slot * Hkv * D);
+          std::copy(row + (Hq + Hkv) * D, row + (Hq + 2 * Hkv) * D, vc + slot * Hkv * D);
         }
-        for (int64_t h = 0; h < Hq + Hkv; ++h) rope_row(row + h * D, cos, sin, half);
-        // store this token's K and V at its slot
-        const int64_t p = cl_p[b] - 1;
-        const int64_t slot = static_cast<int64_t>(bt_p[b * max_blocks + p / block_size]) * block_size + p % block_size;
-        std::copy(row + Hq * D, row + (Hq + Hkv) * D, kc + slot * Hkv * D);
-        std::copy(row + (Hq + Hkv) * D, row + (Hq + 2 * Hkv) * D, vc + slot * Hkv * D);
-      }
+      });
 
-      decode_attention(qkv_p, qkv_width, kc, vc, bt_p, max_blocks, cl_p, block_size, batch, scale,
-                       attn.data_ptr<float>());
+      paged_attention(qkv_p, qkv_width, kc, vc, bt_p, max_blocks, row_p, pos_p, block_size, tokens, scale,
+                      attn.data_ptr<float>());
 
-      at::Tensor o = L.o(attn, quantized_max_rows_).contiguous();  // (B, H)
+      at::Tensor o = L.o(attn, quantized_max_rows_).contiguous();  // (T, H)
       residual.add_(o);
-      const float* w_post = L.post_norm.data_ptr<float>();
-      for (int64_t b = 0; b < batch; ++b)
-        rms_norm_row(res_p + b * hidden, w_post, nrm_p + b * hidden, hidden, eps_);
+      norm_rows(L.post_norm, res_p, nrm_p);
 
-      at::Tensor gu = L.gate_up(normed, quantized_max_rows_).contiguous();  // (B, 2I)
+      at::Tensor gu = L.gate_up(normed, quantized_max_rows_).contiguous();  // (T, 2I)
       const int64_t inter = gu.size(1) / 2;
-      at::Tensor act = at::empty({batch, inter}, x.options());
+      at::Tensor act = at::empty({tokens, inter}, x.options());
       const float* gu_p = gu.data_ptr<float>();
       float* act_p = act.data_ptr<float>();
-      for (int64_t b = 0; b < batch; ++b) {
-        const float* g = gu_p + b * 2 * inter;
-        const float* u = g + inter;
-        float* a = act_p + b * inter;
-        silu_mul(g, u, a, inter);
-      }
+      for_rows(tokens, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) silu_mul(gu_p + t * 2 * inter, gu_p + t * 2 * inter + inter,
+                                                       act_p + t * inter, inter);
+      });
       residual.add_(L.down(act, quantized_max_rows_));
     }
     at::Tensor out = at::empty_like(residual);
-    for (int64_t b = 0; b < batch; ++b) {
-      rms_norm_row(residual.data_ptr<float>() + b * hidden, final_norm_.data_ptr<float>(),
-                   out.data_ptr<float>() + b * hidden, hidden, eps_);
-    }
+    norm_rows(final_norm_, res_p, out.data_ptr<float>());
     return out;
   }
 
  private:
-  // Each (sequence, query head) attends over the context of its kv head in the paged cache: scores, a
-  // max-subtracted softmax, then the weighted sum of values.
-  void decode_attention(const float* qkv, int64_t qkv_width, const float* kc, const float* vc,
-                        const int32_t* bt, int64_t max_blocks, const int32_t* cl, int64_t block_size,
-                        int64_t batch, float scale, float* out) const {
+  // Each (token, query head) attends over keys 0..position of its sequence's kv head in the paged
+  // cache: scores, a max-subtracted softmax, then the weighted sum of values.
+  void paged_attention(const float* qkv, int64_t qkv_width, const float* kc, const float* vc,
+                       const int32_t* bt, int64_t max_blocks, const int32_t* rows, const int64_t* pos,
+                       int64_t block_size, int64_t tokens, float scale, float* out) const {
     const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, group = Hq / Hkv;
-    // one work item per query head: at batch 1 the 3 kv heads of a small model would leave one of
-    // two threads idle for a third of the time; key offsets are recomputed when the kv head changes
-    at::parallel_for(0, batch * Hq, 1, [&](int64_t begin, int64_t end) {
+    const int64_t items = tokens * Hq;
+    // One work item per query head: at batch 1 the 3 kv heads of a small model would leave one of two
+    // threads idle for a third of the time. A prefill's later tokens see more keys, so a long batch is
+    // split in pairs (k, items - 1 - k) that even out each thread's share of a causal triangle.
+    const bool pairs = items >= 64;
+    at::parallel_for(0, pairs ? (items + 1) / 2 : items, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scores;
-      std::vector<int64_t> offsets;  // each key's (and value's) offset in the cache
-      int64_t offsets_for = -1;      // the (sequence, kv head) whose offsets are in `offsets`
-      for (int64_t idx = begin; idx < end; ++idx) {
-        const int64_t b = idx / Hq, head = idx % Hq, h = head / group, len = cl[b];
-        if (offsets_for != b * Hkv + h) {
-          offsets.resize(len);
-          for (int64_t j = 0; j < len; ++j) {
-            const int64_t slot = static_cast<int64_t>(bt[b * max_blocks + j / block_size]) * block_size + j % block_size;
-            offsets[j] = (slot * Hkv + h) * D;
-          }
-          offsets_for = b * Hkv + h;
+      // each key's (and value's) offset in the cache, per kv head and for each of a pair's two items:
+      // the offsets of the last sequence seen there, which its next heads and tokens extend
+      std::vector<std::vector<int64_t>> offsets(2 * Hkv);
+      std::vector<int64_t> offsets_for(2 * Hkv, -1);  // the row whose offsets are held
+      auto attend = [&](int64_t idx, int which) {
+        const int64_t t = idx / Hq, head = idx % Hq, h = head / group, len = pos[t] + 1, row = rows[t];
+        std::vector<int64_t>& off = offsets[which * Hkv + h];
+        if (offsets_for[which * Hkv + h] != row) {
+          off.clear();
+          offsets_for[which * Hkv + h] = row;
+        }
+        for (int64_t j = static_cast<int64_t>(off.size()); j < len; ++j) {
+          const int64_t slot = static_cast<int64_t>(bt[row * max_blocks + j / block_size]) * block_size + j % block_size;
+          off.push_back((slot * Hkv + h) * D);
         }
         scores.resize(len);
-        attention_scores(qkv + b * qkv_width + head * D, kc, offsets.data(), len, D, scale, scores.data());
+        attention_scores(qkv + t * qkv_width + head * D, kc, off.data(), len, D, scale, scores.data());
         softmax(scores.data(), len);
-        weighted_values(scores.data(), vc, offsets.data(), len, D, out + (b * Hq + head) * D);
+        weighted_values(scores.data(), vc, off.data(), len, D, out + (t * Hq + head) * D);
+      };
+      for (int64_t k = begin; k < end; ++k) {
+        attend(k, 0);
+        if (pairs && items - 1 - k != k) attend(items - 1 - k, 1);
       }
     });
   }
@@ -682,9 +718,9 @@ class DecodeModel {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  py::class_<DecodeModel>(m, "DecodeModel")
+  py::class_<NativeModel>(m, "NativeModel")
       .def(py::init<py::list, at::Tensor, int64_t, int64_t, int64_t, double>())
-      .def("forward", &DecodeModel::forward);
+      .def("forward", &NativeModel::forward);
   m.def("q8_linear", &q8_linear, py::call_guard<py::gil_scoped_release>(), "x (M, K) fp32 @ int8 weight ((N/8, K/32, 8, 32), (N/8, K/32, 8) fp16 scales) -> (M, N)");
   m.def("q4_linear", &q4_linear, py::call_guard<py::gil_scoped_release>(),
         "x (M, K) fp32 @ int4 weight ((N/8, K/32, 4, 32) packed, (N/8, K/32, 2, 8) fp16) -> (M, N)");
