@@ -15,11 +15,18 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
+#include <omp.h>
+
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <thread>
 #include <type_traits>
+#include <tuple>
 #include <vector>
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
@@ -81,37 +88,40 @@ inline int quantize_group(const float* x, float inv, int8_t* q) {
 }
 #endif
 
+// Groups [begin, end) of the flattened (rows * K / 32) sequence: group i is row i / groups, group
+// i % groups. out holds at least that many rows of width k.
+void quantize_range(const float* x, int64_t begin, int64_t end, QuantizedRows& out) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float* xg = x + i * kGroup;
+    int8_t* qg = out.q.data() + i * kGroup;
+    float amax = 0.f;
+#ifdef BERTH_AVX2
+    __m256 m = _mm256_setzero_ps();
+    for (int c = 0; c < 4; ++c) m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), _mm256_loadu_ps(xg + 8 * c)));
+    amax = hmax(m);
+#else
+    for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(xg[j]));
+#endif
+    const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
+#ifdef BERTH_AVX2
+    const int sum = quantize_group(xg, inv, qg);
+#else
+    int sum = 0;
+    for (int64_t j = 0; j < kGroup; ++j) {
+      qg[j] = static_cast<int8_t>(std::nearbyint(xg[j] * inv));
+      sum += qg[j];
+    }
+#endif
+    out.d[i] = d;
+    out.s[i] = d * static_cast<float>(sum);
+  }
+}
+
 QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k) {
   const int64_t groups = k / kGroup;
   QuantizedRows out{std::vector<int8_t>(rows * k), std::vector<float>(rows * groups),
                     std::vector<float>(rows * groups)};
-  // group i of the flattened (rows * groups) sequence is row i / groups, group i % groups
-  at::parallel_for(0, rows * groups, 512, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float* xg = x + i * kGroup;
-      int8_t* qg = out.q.data() + i * kGroup;
-      float amax = 0.f;
-#ifdef BERTH_AVX2
-      __m256 m = _mm256_setzero_ps();
-      for (int c = 0; c < 4; ++c) m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), _mm256_loadu_ps(xg + 8 * c)));
-      amax = hmax(m);
-#else
-      for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(xg[j]));
-#endif
-      const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-#ifdef BERTH_AVX2
-      const int sum = quantize_group(xg, inv, qg);
-#else
-      int sum = 0;
-      for (int64_t j = 0; j < kGroup; ++j) {
-        qg[j] = static_cast<int8_t>(std::nearbyint(xg[j] * inv));
-        sum += qg[j];
-      }
-#endif
-      out.d[i] = d;
-      out.s[i] = d * static_cast<float>(sum);
-    }
-  });
+  at::parallel_for(0, rows * groups, 512, [&](int64_t begin, int64_t end) { quantize_range(x, begin, end, out); });
   return out;
 }
 
@@ -282,19 +292,31 @@ inline void by_tile(int64_t tile, Fn fn) {
   }
 }
 
-// y (M, N) = x (M, K) . W^T over weight blocks of 8 rows: block(b, r, tile, y) fills columns
-// 8b..8b+7 of activation rows r..r+tile-1 (tile <= kTile) from the int8-rounded activations.
-template <typename BlockFn>
-at::Tensor blocked_linear(const at::Tensor& x, int64_t blocks, const QuantizedRows& qx, BlockFn block) {
-  const int64_t rows = x.size(0), n = blocks * kBlockRows;
-  at::Tensor y = at::empty({rows, n}, x.options());
-  float* y_p = y.data_ptr<float>();
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
-      for (int64_t r = 0; r < rows; r += kTile) block(b, r, std::min(kTile, rows - r), y_p, n);
+// Columns 8b..8b+7 of y (rows, n) for weight blocks b in [begin, end), every activation row, from
+// the int8-rounded activations qx (width k): int4 weights (q4_linear's layout) ...
+void q4_blocks(const uint8_t* packed, const at::Half* scale_min, const QuantizedRows& qx, int64_t k, int64_t rows,
+               float* y, int64_t n, int64_t begin, int64_t end) {
+  const int64_t groups = k / kGroup;
+  for (int64_t b = begin; b < end; ++b) {
+    for (int64_t r = 0; r < rows; r += kTile) {
+      by_tile(std::min(kTile, rows - r), [&](auto t) {
+        q4_block<decltype(t)::value>(packed + b * groups * 128, scale_min + b * groups * 16, qx, k, r, y, n, b * kBlockRows);
+      });
     }
-  });
-  return y;
+  }
+}
+
+// ... or int8 weights (q8_linear's layout)
+void q8_blocks(const int8_t* qweight, const at::Half* scales, const QuantizedRows& qx, int64_t k, int64_t rows,
+               float* y, int64_t n, int64_t begin, int64_t end) {
+  const int64_t groups = k / kGroup;
+  for (int64_t b = begin; b < end; ++b) {
+    for (int64_t r = 0; r < rows; r += kTile) {
+      by_tile(std::min(kTile, rows - r), [&](auto t) {
+        q8_block<decltype(t)::value>(qweight + b * groups * 256, scales + b * groups * 8, qx, k, r, y, n, b * kBlockRows);
+      });
+    }
+  }
 }
 
 // x (M, K) fp32, qweight (N / 8, K / 32, 8, 32) int8, scales (N / 8, K / 32, 8) fp16 -> (M, N) fp32
@@ -303,18 +325,17 @@ at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at
   TORCH_CHECK(qweight.scalar_type() == at::kChar && qweight.is_contiguous() && qweight.dim() == 4 &&
               scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 3, "q8_linear: bad weight");
   const at::Tensor x = x_in.contiguous();
-  const int64_t k = x.size(1), blocks = qweight.size(0), groups = k / kGroup;
+  const int64_t k = x.size(1), blocks = qweight.size(0), groups = k / kGroup, rows = x.size(0);
   TORCH_CHECK(k % kGroup == 0 && groups <= kMaxGroups && qweight.size(1) == groups && qweight.size(2) == 8 &&
               qweight.size(3) == 32 && scales.size(0) == blocks && scales.size(1) == groups &&
               scales.size(2) == kBlockRows, "q8_linear: shapes do not match");
-  const QuantizedRows qx = quantize_rows(x.data_ptr<float>(), x.size(0), k);
-  const int8_t* w_p = qweight.data_ptr<int8_t>();
-  const at::Half* s_p = scales.data_ptr<at::Half>();
-  return blocked_linear(x, blocks, qx, [&](int64_t b, int64_t r, int64_t tile, float* y, int64_t n) {
-    by_tile(tile, [&](auto t) {
-      q8_block<decltype(t)::value>(w_p + b * groups * 256, s_p + b * groups * 8, qx, k, r, y, n, b * kBlockRows);
-    });
+  const QuantizedRows qx = quantize_rows(x.data_ptr<float>(), rows, k);
+  at::Tensor y = at::empty({rows, blocks * kBlockRows}, x.options());
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    q8_blocks(qweight.data_ptr<int8_t>(), scales.data_ptr<at::Half>(), qx, k, rows, y.data_ptr<float>(),
+              blocks * kBlockRows, begin, end);
   });
+  return y;
 }
 
 // x (M, K) fp32, packed (N / 8, K / 32, 4, 32) uint8, scale_min (N / 8, K / 32, 2, 8) fp16 -> (M, N) fp32
@@ -324,18 +345,17 @@ at::Tensor q4_linear(const at::Tensor& x_in, const at::Tensor& packed, const at:
               scale_min.scalar_type() == at::kHalf && scale_min.is_contiguous() && scale_min.dim() == 4,
               "q4_linear: bad weight");
   const at::Tensor x = x_in.contiguous();
-  const int64_t k = x.size(1), blocks = packed.size(0), groups = k / kGroup;
+  const int64_t k = x.size(1), blocks = packed.size(0), groups = k / kGroup, rows = x.size(0);
   TORCH_CHECK(k % kGroup == 0 && groups <= kMaxGroups && packed.size(1) == groups && packed.size(2) == 4 &&
               packed.size(3) == 32 && scale_min.size(0) == blocks && scale_min.size(1) == groups &&
               scale_min.size(2) == 2 && scale_min.size(3) == kBlockRows, "q4_linear: shapes do not match");
-  const QuantizedRows qx = quantize_rows(x.data_ptr<float>(), x.size(0), k);
-  const uint8_t* w_p = packed.data_ptr<uint8_t>();
-  const at::Half* s_p = scale_min.data_ptr<at::Half>();
-  return blocked_linear(x, blocks, qx, [&](int64_t b, int64_t r, int64_t tile, float* y, int64_t n) {
-    by_tile(tile, [&](auto t) {
-      q4_block<decltype(t)::value>(w_p + b * groups * 128, s_p + b * groups * 16, qx, k, r, y, n, b * kBlockRows);
-    });
+  const QuantizedRows qx = quantize_rows(x.data_ptr<float>(), rows, k);
+  at::Tensor y = at::empty({rows, blocks * kBlockRows}, x.options());
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    q4_blocks(packed.data_ptr<uint8_t>(), scale_min.data_ptr<at::Half>(), qx, k, rows, y.data_ptr<float>(),
+              blocks * kBlockRows, begin, end);
   });
+  return y;
 }
 
 // A linear layer: the float weight (may be empty when quantized without keeping it) and, when
@@ -523,6 +543,48 @@ inline void for_rows(int64_t n, Fn fn) {
   at::parallel_for(0, n, 16, fn);
 }
 
+// A barrier for the threads of one OpenMP team that spins instead of sleeping: the phases of a step
+// are microseconds apart, and waking a sleeping thread (OMP_WAIT_POLICY=PASSIVE, which the server
+// needs between steps) costs more than that on a VM. After kSpinMicros it yields on every check, so a
+// thread whose partner was preempted gives its core away instead of burning it.
+class SpinBarrier {
+ public:
+  explicit SpinBarrier(int n) : n_(n) {}
+
+  void wait() {
+    const int sense = sense_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
+      count_.store(0, std::memory_order_relaxed);
+      sense_.store(sense ^ 1, std::memory_order_release);
+      return;
+    }
+    const auto start = std::chrono::steady_clock::now();
+    bool yield = false;
+    for (int spins = 1; sense_.load(std::memory_order_acquire) == sense; ++spins) {
+      if (yield) {
+        std::this_thread::yield();
+      } else if (spins % 64 == 0) {
+        yield = std::chrono::steady_clock::now() - start > std::chrono::microseconds(kSpinMicros);
+      } else {
+#ifdef BERTH_AVX2
+        _mm_pause();
+#endif
+      }
+    }
+  }
+
+ private:
+  static constexpr int kSpinMicros = 50;
+  alignas(64) std::atomic<int> count_{0};
+  alignas(64) std::atomic<int> sense_{0};
+  const int n_;
+};
+
+// [begin, end) of n items for thread tid of nth (the static split at::parallel_for makes)
+inline std::pair<int64_t, int64_t> share(int64_t n, int tid, int nth) {
+  return {n * tid / nth, n * (tid + 1) / nth};
+}
+
 class NativeModel {
  public:
   NativeModel(py::list layers, at::Tensor final_norm, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
@@ -538,11 +600,24 @@ class NativeModel {
         layer.q_norm = t[2].cast<at::Tensor>();
         layer.k_norm = t[3].cast<at::Tensor>();
       }
+      for (const at::Tensor* w : {&layer.input_norm, &layer.post_norm, &layer.q_norm, &layer.k_norm}) {
+        TORCH_CHECK(!w->defined() || (w->scalar_type() == at::kFloat && w->is_contiguous()),
+                    "norm weights must be contiguous fp32");
+      }
       layer.qkv = make_linear(t[4].cast<py::tuple>());
       layer.o = make_linear(t[5].cast<py::tuple>());
       layer.gate_up = make_linear(t[6].cast<py::tuple>());
       layer.down = make_linear(t[7].cast<py::tuple>());
       layers_.push_back(std::move(layer));
+    }
+    TORCH_CHECK(final_norm_.scalar_type() == at::kFloat && final_norm_.is_contiguous(), "norm weights must be contiguous fp32");
+    // every product an int4 kernel of ours, no bias but q/k/v's (Qwen2): then a step runs as one
+    // OpenMP team (forward_team) instead of one parallel region per op
+    team_ = !layers_.empty();
+    for (const Layer& L : layers_) {
+      for (const Linear* lin : {&L.qkv, &L.o, &L.gate_up, &L.down}) {
+        team_ = team_ && lin->q4_packed.defined() && (lin == &L.qkv || !lin->bias.defined());
+      }
     }
   }
 
@@ -552,6 +627,8 @@ class NativeModel {
   // its slot and attends to keys 0..p of its sequence. quantized_max_rows as models/llama.py's
   // QUANTIZED_MAX_ROWS. Writes each layer's new K/V into the caches and returns the model's output:
   // the final norm of the last residual sum (T, H).
+  bool team() const { return team_; }
+
   at::Tensor forward(at::Tensor x, at::Tensor positions, at::Tensor cos_sin, py::list kv_caches,
                      at::Tensor block_tables, at::Tensor token_rows, int64_t quantized_max_rows) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be (T, H) fp32");
@@ -602,6 +679,8 @@ class NativeModel {
     const int64_t qkv_width = (Hq + 2 * Hkv) * D;
     const float* cs_p = cos_sin.data_ptr<float>();
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
+
+    if (team_) return forward_team(x, pos_p, row_p, bt_p, max_blocks, block_size, cs_p, caches);
 
     at::Tensor residual = x.clone();
     at::Tensor normed = at::empty_like(x);
@@ -670,42 +749,158 @@ class NativeModel {
  private:
   // Each (token, query head) attends over keys 0..position of its sequence's kv head in the paged
   // cache: scores, a max-subtracted softmax, then the weighted sum of values.
+  // The int4 step as one OpenMP team: every phase (norms, products, RoPE and KV store, attention,
+  // SiLU) is split across the team's threads and separated by spin barriers, so the threads are woken
+  // once per step instead of ~5 times per layer.
+  at::Tensor forward_team(const at::Tensor& x, const int64_t* pos_p, const int32_t* row_p, const int32_t* bt_p,
+                          int64_t max_blocks, int64_t block_size, const float* cs_p,
+                          const std::vector<std::pair<at::Tensor, at::Tensor>>& caches) const {
+    const int64_t T = x.size(0), H = x.size(1);
+    const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, half = D / 2, W = (Hq + 2 * Hkv) * D;
+    const int64_t inter = layers_[0].gate_up.q4_packed.size(0) * kBlockRows / 2;
+    const int64_t max_k = std::max({H, Hq * D, inter});
+    const float scale = 1.f / std::sqrt(static_cast<float>(D));
+    at::Tensor residual = x.clone(), out = at::empty_like(x);
+    std::vector<float> normed(T * H), qkv(T * W), attn(T * Hq * D), gu(T * 2 * inter), act(T * inter), y(T * H);
+    QuantizedRows qx{std::vector<int8_t>(T * max_k), std::vector<float>(T * max_k / kGroup),
+                     std::vector<float>(T * max_k / kGroup)};
+    float* res = residual.data_ptr<float>();
+    const int nth = std::max(1, at::get_num_threads());
+    std::atomic<int> team_size{0};
+    SpinBarrier* barrier = nullptr;
+    std::unique_ptr<SpinBarrier> barrier_holder;
+#pragma omp parallel num_threads(nth)
+    {
+#pragma omp single
+      {
+        team_size = omp_get_num_threads();
+        barrier_holder = std::make_unique<SpinBarrier>(team_size);
+        barrier = barrier_holder.get();
+      }  // implicit barrier: every thread sees the team size and the barrier
+      const int tid = omp_get_thread_num(), n = team_size;
+      int64_t r0, r1;  // this thread's rows in the per-row phases
+      std::tie(r0, r1) = share(T, tid, n);
+      // each row: (residual += y), rms_norm -> normed, rounded to int8 per group for the next product
+      auto add_norm_quantize = [&](const at::Tensor& w, bool add) {
+        for (int64_t t = r0; t < r1; ++t) {
+          float* row = res + t * H;
+          if (add) for (int64_t i = 0; i < H; ++i) row[i] += y[t * H + i];
+          rms_norm_row(row, w.data_ptr<float>(), normed.data() + t * H, H, eps_);
+        }
+        quantize_range(normed.data(), r0 * H / kGroup, r1 * H / kGroup, qx);
+      };
+      auto product = [&](const Linear& lin, int64_t k, float* dst) {
+        const int64_t blocks = lin.q4_packed.size(0);
+        int64_t b0, b1;
+        std::tie(b0, b1) = share(blocks, tid, n);
+        q4_blocks(lin.q4_packed.data_ptr<uint8_t>(), lin.q4_scale_min.data_ptr<at::Half>(), qx, k, T, dst,
+                  blocks * kBlockRows, b0, b1);
+      };
+      for (size_t li = 0; li < layers_.size(); ++li) {
+        const Layer& L = layers_[li];
+        float* kc = caches[li].first.data_ptr<float>();
+        float* vc = caches[li].second.data_ptr<float>();
+        add_norm_quantize(L.input_norm, li > 0);
+        barrier->wait();
+        product(L.qkv, H, qkv.data());
+        barrier->wait();
+        for (int64_t t = r0; t < r1; ++t) {
+          float* row = qkv.data() + t * W;
+          if (L.qkv.bias.defined()) {
+            const float* bias = L.qkv.bias.data_ptr<float>();
+            for (int64_t i = 0; i < W; ++i) row[i] += bias[i];
+          }
+          const int64_t p = pos_p[t];
+          const float* cos = cs_p + p * D;
+          if (L.q_norm.defined()) {
+            for (int64_t h = 0; h < Hq; ++h) rms_norm_row(row + h * D, L.q_norm.data_ptr<float>(), row + h * D, D, eps_);
+            for (int64_t h = Hq; h < Hq + Hkv; ++h) rms_norm_row(row + h * D, L.k_norm.data_ptr<float>(), row + h * D, D, eps_);
+          }
+          for (int64_t h = 0; h < Hq + Hkv; ++h) rope_row(row + h * D, cos, cos + half, half);
+          const int64_t slot = static_cast<int64_t>(bt_p[row_p[t] * max_blocks + p / block_size]) * block_size +
+                               p % block_size;
+          std::copy(row + Hq * D, row + (Hq + Hkv) * D, kc + slot * Hkv * D);
+          std::copy(row + (Hq + Hkv) * D, row + W, vc + slot * Hkv * D);
+        }
+        barrier->wait();
+        int64_t u0, u1;
+        std::tie(u0, u1) = share(attention_units(T), tid, n);
+        attention_range(u0, u1, qkv.data(), W, kc, vc, bt_p, max_blocks, row_p, pos_p, block_size, T, scale,
+                        attn.data());
+        barrier->wait();
+        quantize_range(attn.data(), r0 * Hq * D / kGroup, r1 * Hq * D / kGroup, qx);
+        barrier->wait();
+        product(L.o, Hq * D, y.data());
+        barrier->wait();
+        add_norm_quantize(L.post_norm, true);
+        barrier->wait();
+        product(L.gate_up, H, gu.data());
+        barrier->wait();
+        for (int64_t t = r0; t < r1; ++t) {
+          silu_mul(gu.data() + t * 2 * inter, gu.data() + t * 2 * inter + inter, act.data() + t * inter, inter);
+        }
+        quantize_range(act.data(), r0 * inter / kGroup, r1 * inter / kGroup, qx);
+        barrier->wait();
+        product(L.down, inter, y.data());
+        barrier->wait();
+      }
+      float* o = out.data_ptr<float>();
+      for (int64_t t = r0; t < r1; ++t) {
+        float* row = res + t * H;
+        for (int64_t i = 0; i < H; ++i) row[i] += y[t * H + i];
+        rms_norm_row(row, final_norm_.data_ptr<float>(), o + t * H, H, eps_);
+      }
+    }
+    return out;
+  }
+
   void paged_attention(const float* qkv, int64_t qkv_width, const float* kc, const float* vc,
                        const int32_t* bt, int64_t max_blocks, const int32_t* rows, const int64_t* pos,
                        int64_t block_size, int64_t tokens, float scale, float* out) const {
+    at::parallel_for(0, attention_units(tokens), 1, [&](int64_t begin, int64_t end) {
+      attention_range(begin, end, qkv, qkv_width, kc, vc, bt, max_blocks, rows, pos, block_size, tokens, scale, out);
+    });
+  }
+
+  // One work item per query head: at batch 1 the 3 kv heads of a small model would leave one of two
+  // threads idle for a third of the time. A prefill's later tokens see more keys, so a long batch is
+  // split in units of two items (k, items - 1 - k) that even out each thread's share of a causal triangle.
+  int64_t attention_units(int64_t tokens) const {
+    const int64_t items = tokens * num_heads_;
+    return items >= 64 ? (items + 1) / 2 : items;
+  }
+
+  void attention_range(int64_t begin, int64_t end, const float* qkv, int64_t qkv_width, const float* kc,
+                       const float* vc, const int32_t* bt, int64_t max_blocks, const int32_t* rows,
+                       const int64_t* pos, int64_t block_size, int64_t tokens, float scale, float* out) const {
     const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, group = Hq / Hkv;
     const int64_t items = tokens * Hq;
-    // One work item per query head: at batch 1 the 3 kv heads of a small model would leave one of two
-    // threads idle for a third of the time. A prefill's later tokens see more keys, so a long batch is
-    // split in pairs (k, items - 1 - k) that even out each thread's share of a causal triangle.
     const bool pairs = items >= 64;
-    at::parallel_for(0, pairs ? (items + 1) / 2 : items, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> scores;
-      // each key's (and value's) offset in the cache, per kv head and for each of a pair's two items:
-      // the offsets of the last sequence seen there, which its next heads and tokens extend
-      std::vector<std::vector<int64_t>> offsets(2 * Hkv);
-      std::vector<int64_t> offsets_for(2 * Hkv, -1);  // the row whose offsets are held
-      auto attend = [&](int64_t idx, int which) {
-        const int64_t t = idx / Hq, head = idx % Hq, h = head / group, len = pos[t] + 1, row = rows[t];
-        std::vector<int64_t>& off = offsets[which * Hkv + h];
-        if (offsets_for[which * Hkv + h] != row) {
-          off.clear();
-          offsets_for[which * Hkv + h] = row;
-        }
-        for (int64_t j = static_cast<int64_t>(off.size()); j < len; ++j) {
-          const int64_t slot = static_cast<int64_t>(bt[row * max_blocks + j / block_size]) * block_size + j % block_size;
-          off.push_back((slot * Hkv + h) * D);
-        }
-        scores.resize(len);
-        attention_scores(qkv + t * qkv_width + head * D, kc, off.data(), len, D, scale, scores.data());
-        softmax(scores.data(), len);
-        weighted_values(scores.data(), vc, off.data(), len, D, out + (t * Hq + head) * D);
-      };
-      for (int64_t k = begin; k < end; ++k) {
-        attend(k, 0);
-        if (pairs && items - 1 - k != k) attend(items - 1 - k, 1);
+    std::vector<float> scores;
+    // each key's (and value's) offset in the cache, per kv head and for each of a pair's two items:
+    // the offsets of the last sequence seen there, which its next heads and tokens extend
+    std::vector<std::vector<int64_t>> offsets(2 * Hkv);
+    std::vector<int64_t> offsets_for(2 * Hkv, -1);  // the row whose offsets are held
+    auto attend = [&](int64_t idx, int which) {
+      const int64_t t = idx / Hq, head = idx % Hq, h = head / group, len = pos[t] + 1, row = rows[t];
+      std::vector<int64_t>& off = offsets[which * Hkv + h];
+      if (offsets_for[which * Hkv + h] != row) {
+        off.clear();
+        offsets_for[which * Hkv + h] = row;
       }
-    });
+      for (int64_t j = static_cast<int64_t>(off.size()); j < len; ++j) {
+        const int64_t slot = static_cast<int64_t>(bt[row * max_blocks + j / block_size]) * block_size + j % block_size;
+        off.push_back((slot * Hkv + h) * D);
+      }
+      scores.resize(len);
+      attention_scores(qkv + t * qkv_width + head * D, kc, off.data(), len, D, scale, scores.data());
+      softmax(scores.data(), len);
+      weighted_values(scores.data(), vc, off.data(), len, D, out + (t * Hq + head) * D);
+    };
+    for (int64_t k = begin; k < end; ++k) {
+      attend(k, 0);
+      if (pairs && items - 1 - k != k) attend(items - 1 - k, 1);
+    }
   }
 
   std::vector<Layer> layers_;
@@ -713,6 +908,7 @@ class NativeModel {
   int64_t num_heads_, num_kv_heads_, head_dim_;
   float eps_;
   int64_t quantized_max_rows_ = 0;
+  bool team_ = false;  // every product int4 (see forward_team)
 };
 
 }  // namespace
@@ -720,7 +916,8 @@ class NativeModel {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::class_<NativeModel>(m, "NativeModel")
       .def(py::init<py::list, at::Tensor, int64_t, int64_t, int64_t, double>())
-      .def("forward", &NativeModel::forward);
+      .def("forward", &NativeModel::forward)
+      .def_property_readonly("team", &NativeModel::team, "True when a step runs as one OpenMP team (int4)");
   m.def("q8_linear", &q8_linear, py::call_guard<py::gil_scoped_release>(), "x (M, K) fp32 @ int8 weight ((N/8, K/32, 8, 32), (N/8, K/32, 8) fp16 scales) -> (M, N)");
   m.def("q4_linear", &q4_linear, py::call_guard<py::gil_scoped_release>(),
         "x (M, K) fp32 @ int4 weight ((N/8, K/32, 4, 32) packed, (N/8, K/32, 2, 8) fp16) -> (M, N)");

@@ -66,6 +66,7 @@ def test_native_step_matches_pytorch_path(checkpoint, quantization, kind):  # no
     expected = model_step(model, ref_caches, use_native=False, kind=kind)
     got = model_step(model, nat_caches, use_native=True, kind=kind)
     assert model._native is not None, "the step did not take the native path"
+    assert model._native.team == (quantization == "int4")   # int4: the step runs as one OpenMP team
     assert got.shape == expected.shape == (sum(NEW_TOKENS[kind]), model.config.hidden_size)
     if quantization == "none":
         torch.testing.assert_close(got, expected, atol=2e-5, rtol=1e-4)
@@ -81,6 +82,28 @@ def test_native_step_matches_pytorch_path(checkpoint, quantization, kind):  # no
         assert torch.nn.functional.cosine_similarity(got, expected, dim=1).min() > 0.999
         for (k_ref, _), (k_nat, _) in zip(ref_caches, nat_caches):
             assert torch.nn.functional.cosine_similarity(k_nat.flatten(), k_ref.flatten(), dim=0) > 0.999
+
+
+def test_team_step_is_independent_of_the_thread_count(checkpoint):  # noqa: F811
+    """The int4 team step splits every phase across its threads; each output element is computed by
+    one thread in the same order whatever the split, so 1, 2 or 3 threads give identical results."""
+    _, folder, _ = checkpoint
+    from server.engine.models.weights import build_model
+    model = build_model(folder, torch.float32, "cpu")
+    model.quantize("int4")
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            caches = new_caches(model)
+            results.append((model_step(model, caches, use_native=True, kind="mixed"), caches))
+    finally:
+        torch.set_num_threads(threads)
+    assert model._native.team
+    for got, caches in results[1:]:
+        assert torch.equal(got, results[0][0])
+        assert all(torch.equal(k, k0) and torch.equal(v, v0) for (k, v), (k0, v0) in zip(caches, results[0][1]))
 
 
 def test_native_prefill_attention_is_balanced_and_causal(checkpoint):  # noqa: F811
