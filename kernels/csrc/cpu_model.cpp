@@ -6,7 +6,9 @@
 // of its ~240 ms outside the matmuls. Here the small work (RMSNorm, residual adds, RoPE, the KV store,
 // causal attention over the paged cache, SiLU*up) is plain loops over fp32 rows, and only the linear
 // layers go through ATen (fp32 GEMM or torch's int8 and int4 weight-only kernels) or our int4 kernel,
-// so a step costs the matmuls plus a few microseconds per layer.
+// so a step costs the matmuls plus a few microseconds per layer. When every product is our int4 kernel
+// the whole step runs as one OpenMP team (NativeModel::forward_team): the server's passive OpenMP
+// threads are then woken once per step, not once per parallel op.
 //
 // Scope: fp32 activations and KV cache in the (num_blocks, block_size, num_kv_heads, head_dim) layout
 // of kernels/reference.py. Each token attends to its own sequence's keys 0..position (the new keys of
@@ -427,7 +429,7 @@ inline void rope_row(float* x, const float* cos, const float* sin, int64_t half)
   }
 }
 
-// ---- decode attention helpers: one query head against `len` cached keys at `offsets` -------------
+// ---- attention helpers: one query head against `len` cached keys at `offsets` --------------------
 #ifdef BERTH_AVX2
 // e^x for 8 floats (Cephes' polynomial, relative error ~2e-7 over the softmax range)
 inline __m256 exp256(__m256 x) {
