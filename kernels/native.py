@@ -77,6 +77,11 @@ def load():
     return _module
 
 
+def loaded():
+    """The extension if an earlier load() built or loaded it, else None: never starts a build."""
+    return None if _module is _UNTRIED else _module
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     module = load()

@@ -239,3 +239,28 @@ def test_build_directory_is_per_cpu(monkeypatch, tmp_path):
     assert native.build_dir() == first
     monkeypatch.setattr(native, "cpu_fingerprint", lambda: "othercpu")
     assert native.build_dir() != first
+
+
+@pytest.mark.parametrize("vocab", [1, 7, 8, 9, 49152, 49157])
+def test_argmax_rows_equals_torch_argmax(extension, vocab):
+    """First index of the maximum (ties, -inf rows, signed zeros) and the first NaN, as torch.argmax,
+    for vocabularies shorter than, equal to and not a multiple of the 8-lane vectors."""
+    torch.manual_seed(vocab)
+    x = torch.randn(6, vocab)
+    x[1] = 0.0
+    x[1, vocab // 2:] = -0.0                      # all equal (signed zeros): index 0
+    x[2] = float("-inf")                          # all -inf: index 0
+    x[3, -1] = x[3, vocab // 3] = x[3].max() + 1  # a tie between a middle and the last entry
+    x[4, (2 * vocab) // 3] = float("nan")         # NaN wins, as in torch
+    x[5, -1] = x[5].max() + 1                     # the maximum in the tail
+    assert torch.equal(extension.argmax_rows(x), x.argmax(dim=-1))
+    assert torch.equal(extension.argmax_rows(x[:, :vocab].t().contiguous().t()), x.argmax(dim=-1))
+
+
+def test_sampler_uses_the_native_argmax_once_loaded(extension, monkeypatch):
+    from server.engine import sampler
+    logits = torch.randn(3, 100)
+    calls = []
+    monkeypatch.setattr(extension, "argmax_rows", lambda x: calls.append(x) or x.argmax(dim=-1), raising=False)
+    assert sampler.argmax(logits).tolist() == logits.argmax(dim=-1).tolist() and len(calls) == 1
+    assert sampler.argmax(logits.double()).tolist() == logits.argmax(dim=-1).tolist() and len(calls) == 1
