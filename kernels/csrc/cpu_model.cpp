@@ -710,7 +710,7 @@ class NativeModel {
       py::tuple kv = item.cast<py::tuple>();
       caches.emplace_back(kv[0].cast<at::Tensor>(), kv[1].cast<at::Tensor>());
     }
-    const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, half = D / 2;
+    const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_;
     for (const auto& kv : caches) {
       TORCH_CHECK(kv.first.scalar_type() == at::kFloat && kv.first.is_contiguous() && kv.first.dim() == 4 &&
                   kv.second.sizes() == kv.first.sizes() && kv.second.scalar_type() == at::kFloat &&
@@ -770,22 +770,9 @@ class NativeModel {
       float* qkv_p = qkv.data_ptr<float>();
       for_rows(tokens, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
-          float* row = qkv_p + t * qkv_width;
           const int64_t p = pos_p[t];
-          const float* cos = cs_p + p * D;
-          const float* sin = cos + half;
-          if (L.q_norm.defined()) {
-            const float* qn = L.q_norm.data_ptr<float>();
-            const float* kn = L.k_norm.data_ptr<float>();
-            for (int64_t h = 0; h < Hq; ++h) rms_norm_row(row + h * D, qn, row + h * D, D, eps_);
-            for (int64_t h = Hq; h < Hq + Hkv; ++h) rms_norm_row(row + h * D, kn, row + h * D, D, eps_);
-          }
-          for (int64_t h = 0; h < Hq + Hkv; ++h) rope_row(row + h * D, cos, sin, half);
-          // store this token's K and V at its slot (before any token of the step attends)
-          const int64_t slot = static_cast<int64_t>(bt_p[row_p[t] * max_blocks + p / block_size]) * block_size +
-                               p % block_size;
-          std::copy(row + Hq * D, row + (Hq + Hkv) * D, kc + slot * Hkv * D);
-          std::copy(row + (Hq + Hkv) * D, row + (Hq + 2 * Hkv) * D, vc + slot * Hkv * D);
+          rope_and_store(L, qkv_p + t * qkv_width, cs_p + p * D, bt_p[row_p[t] * max_blocks + p / block_size],
+                         p % block_size, block_size, kc, vc);
         }
       });
 
@@ -822,7 +809,7 @@ class NativeModel {
                           int64_t max_blocks, int64_t block_size, const float* cs_p,
                           const std::vector<std::pair<at::Tensor, at::Tensor>>& caches) const {
     const int64_t T = x.size(0), H = x.size(1);
-    const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, half = D / 2, W = (Hq + 2 * Hkv) * D;
+    const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, W = (Hq + 2 * Hkv) * D;
     const int64_t inter = layers_[0].gate_up.q4_packed.size(0) * kBlockRows / 2;
     const int64_t max_k = std::max({H, Hq * D, inter});
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
@@ -877,16 +864,8 @@ class NativeModel {
             for (int64_t i = 0; i < W; ++i) row[i] += bias[i];
           }
           const int64_t p = pos_p[t];
-          const float* cos = cs_p + p * D;
-          if (L.q_norm.defined()) {
-            for (int64_t h = 0; h < Hq; ++h) rms_norm_row(row + h * D, L.q_norm.data_ptr<float>(), row + h * D, D, eps_);
-            for (int64_t h = Hq; h < Hq + Hkv; ++h) rms_norm_row(row + h * D, L.k_norm.data_ptr<float>(), row + h * D, D, eps_);
-          }
-          for (int64_t h = 0; h < Hq + Hkv; ++h) rope_row(row + h * D, cos, cos + half, half);
-          const int64_t slot = static_cast<int64_t>(bt_p[row_p[t] * max_blocks + p / block_size]) * block_size +
-                               p % block_size;
-          std::copy(row + Hq * D, row + (Hq + Hkv) * D, kc + slot * Hkv * D);
-          std::copy(row + (Hq + Hkv) * D, row + W, vc + slot * Hkv * D);
+          rope_and_store(L, row, cs_p + p * D, bt_p[row_p[t] * max_blocks + p / block_size], p % block_size,
+                         block_size, kc, vc);
         }
         barrier->wait();
         int64_t u0, u1;
@@ -918,6 +897,24 @@ class NativeModel {
       }
     }
     return out;
+  }
+
+  // One token's fused q|k|v row: q/k norms (Qwen3), RoPE on q and k (cos_sin: its position's row),
+  // then its K and V stored at offset `offset` of cache block `block` (before any token of the step
+  // attends).
+  void rope_and_store(const Layer& L, float* row, const float* cos_sin, int64_t block, int64_t offset,
+                      int64_t block_size, float* kc, float* vc) const {
+    const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, half = D / 2;
+    if (L.q_norm.defined()) {
+      const float* qn = L.q_norm.data_ptr<float>();
+      const float* kn = L.k_norm.data_ptr<float>();
+      for (int64_t h = 0; h < Hq; ++h) rms_norm_row(row + h * D, qn, row + h * D, D, eps_);
+      for (int64_t h = Hq; h < Hq + Hkv; ++h) rms_norm_row(row + h * D, kn, row + h * D, D, eps_);
+    }
+    for (int64_t h = 0; h < Hq + Hkv; ++h) rope_row(row + h * D, cos_sin, cos_sin + half, half);
+    const int64_t slot = block * block_size + offset;
+    std::copy(row + Hq * D, row + (Hq + Hkv) * D, kc + slot * Hkv * D);
+    std::copy(row + (Hq + Hkv) * D, row + (Hq + 2 * Hkv) * D, vc + slot * Hkv * D);
   }
 
   void paged_attention(const float* qkv, int64_t qkv_width, const float* kc, const float* vc,
