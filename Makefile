@@ -8,7 +8,7 @@ PORT   ?= 8000
 MODEL  ?= default
 ARGS   ?=
 
-.PHONY: install model native serve test bench-engine bench-serving bench-peers clean
+.PHONY: install model native serve test bench-engine bench-serving bench-peers bench-models clean
 
 install: $(STAMP)
 
@@ -41,6 +41,10 @@ bench-serving: install
 
 bench-peers: model
 	$(PY) -m bench.peers $(ARGS)
+
+# berth vs llama.cpp (built for this CPU) on synthetic 1B/8B/Qwen-shaped GGUFs (bench/models.py)
+bench-models: model native
+	$(PY) -m bench.models $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info
