@@ -1,5 +1,5 @@
-"""berth's C++ CPU model step (kernels/csrc/cpu_model.cpp: decode, prefill and mixed batches), compiled once
-per machine and cached.
+"""berth's C++ CPU model step (kernels/csrc/cpu_model.cpp: decode, prefill and mixed batches) and GGUF
+repacking (kernels/csrc/gguf_repack.cpp), compiled once per machine and cached.
 
     from kernels import native
     ext = native.load()          # the extension module, or None (with one log line saying why)
@@ -22,7 +22,10 @@ from pathlib import Path
 
 log = logging.getLogger("berth.kernels")
 
-SOURCE = Path(__file__).parent / "csrc" / "cpu_model.cpp"
+# one file per quant family and instruction set, a dispatch table filled from cpuid (csrc/quant.h)
+SOURCES = [Path(__file__).parent / "csrc" / name for name in (
+    "cpu_model.cpp", "gguf_repack.cpp", "quant_rows.cpp", "dispatch.cpp", "q4_scalar.cpp", "q4_avx2.cpp",
+    "q4_avx512vnni.cpp", "q8_scalar.cpp", "q8_avx2.cpp", "q8_avx512vnni.cpp")]
 _UNTRIED = object()
 _module = _UNTRIED
 
@@ -67,7 +70,7 @@ def load():
         directory.mkdir(parents=True, exist_ok=True)
         start = time.monotonic()
         _module = load_extension(
-            name="berth_cpu_model", sources=[str(SOURCE)], build_directory=str(directory),
+            name="berth_cpu_model", sources=[str(p) for p in SOURCES], build_directory=str(directory),
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
         if time.monotonic() - start > 5:
             log.info("compiled the native CPU model step in %.0f s (%s)", time.monotonic() - start, directory)

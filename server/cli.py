@@ -28,14 +28,18 @@ def serve_parser(sub) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    p.add_argument("--kv-cache-gib", type=float, default=2.0)
+    p.add_argument("--kv-cache-gib", type=float, default=None,
+                   help="KV pool size (default: planned from available memory, at most 4 GiB on the CPU)")
+    p.add_argument("--memory-utilization", type=float, default=0.9,
+                   help="share of available memory the weights, KV pool and activations may take")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-pending", type=int, default=256,
                    help="admitted, unfinished requests before new ones get 429")
-    p.add_argument("--quantization", choices=("none", "int8", "int4"), default="none",
-                   help="weight-only int8 or int4 (groups of 32) linear layers, paged engine: faster decode "
-                        "on CPU at small batches, outputs no longer equal the float model's")
+    p.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default="auto",
+                   help="auto: a GGUF keeps its own quant types (native kernels), a folder its stored dtype; "
+                        "int8/int4: weight-only int8 or int4 (groups of 32) linear layers of a folder, paged "
+                        "engine: faster decode on CPU, outputs no longer equal the float model's")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="operator cap on generated tokens per request (longer requests end with 'length')")
     p.add_argument("--drain-timeout", type=float, default=30.0,
@@ -57,7 +61,7 @@ def serve_parser(sub) -> None:
 
 
 def serve(args) -> int:
-    from server.model_store import ModelError, resolve_model
+    from server.model_store import ModelError, model_name, resolve_model
 
     started = time.monotonic()
     try:
@@ -70,14 +74,19 @@ def serve(args) -> int:
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           kv_cache_gib=args.kv_cache_gib, enable_prefix_caching=not args.no_prefix_caching,
                           max_pending=args.max_pending, max_new_tokens=args.max_new_tokens,
-                          quantization=args.quantization)
+                          quantization=args.quantization, memory_utilization=args.memory_utilization)
+    from server.engine.memory import MemoryPlanError
+
     try:
         engine = _load_engine(config, str(folder))
+    except MemoryPlanError as exc:
+        print(f"berth: error: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # noqa: BLE001 - one clear line, no traceback
         print(f"berth: error: cannot load model {args.model!r}: {type(exc).__name__}: "
               f"{str(exc).splitlines()[0][:300] if str(exc) else ''}", file=sys.stderr)
         return 2
-    name = args.served_model_name or folder.name
+    name = args.served_model_name or model_name(args.model, folder)
     _announce(args, name, engine, time.monotonic() - started)
     return _run(args, engine, name)
 

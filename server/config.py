@@ -16,10 +16,11 @@ class EngineConfig:
     block_size: int = 16
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
-    kv_cache_gib: float = 2.0
+    kv_cache_gib: float | None = None     # None: planned from available memory (server/engine/memory.py)
+    memory_utilization: float = 0.9       # share of available memory weights + KV + activations may take
     enable_prefix_caching: bool = True
     max_pending: int = 256
-    quantization: str = "none"            # none | int8 | int4 (weight-only; paged engine)
+    quantization: str = "auto"            # auto | none | int8 | int4 (weight-only; paged engine; see cli)
     max_new_tokens: int | None = None     # operator cap: longer requests are cut (finish_reason length)
 
 
@@ -32,31 +33,13 @@ def pick_device(name: str):
 
 
 def pick_dtype(name: str, device):
-    """auto: bf16 where the hardware runs it fast (CUDA with bf16; a CPU whose bf16 matmuls measure
-    clearly faster than fp32), else fp32."""
+    """auto: bf16 (fp16 without bf16) on CUDA; float32 activations on the CPU, where the native C++ step
+    runs (its products use the weights' own formats: int4/int8 kernels, or bf16 through oneDNN/AMX).
+    Decided by the device alone: never by a timing, which flipped from start to start."""
     import torch
 
     if name != "auto":
         return getattr(torch, name)
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if _cpu_has_fast_bf16() else torch.float32
-
-
-def _cpu_has_fast_bf16() -> bool:
-    """Measure instead of guessing from CPU flags: bf16 wins only if its matmuls are clearly faster
-    (>= 1.3x) than fp32 here. AVX512-BF16/AMX CPUs give ~2-4x; AVX2-only CPUs emulate bf16 and lose."""
-    import time
-
-    import torch
-
-    def best_time(dtype) -> float:
-        a = torch.randn(64, 576, dtype=dtype)
-        w = torch.randn(1536, 576, dtype=dtype)
-        times = []
-        for _ in range(5):
-            start = time.perf_counter()
-            torch.nn.functional.linear(a, w)
-            times.append(time.perf_counter() - start)
-        return min(times[1:])
-    return best_time(torch.float32) >= 1.3 * best_time(torch.bfloat16)
+    return torch.float32

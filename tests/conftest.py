@@ -22,6 +22,16 @@ torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def default_model() -> str:
+    """The default model as an fp32 HF folder dequantised from its GGUF: the oracle tests compare the
+    engine with transformers on it (berth serves the GGUF itself natively: default_gguf_model)."""
+    from server.model_store import resolve_model
+
+    return str(resolve_model("default", dequantize=True))
+
+
+@pytest.fixture(scope="session")
+def default_gguf_model() -> str:
+    """The default model as `berth serve` loads it: the GGUF's sidecar folder (native quant types)."""
     from server.model_store import resolve_model
 
     return str(resolve_model("default"))

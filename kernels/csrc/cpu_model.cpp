@@ -36,95 +36,25 @@
 #define BERTH_AVX2 1
 #endif
 
+#include "quant.h"
+
 namespace {
 
-// ---- weight-only int4 / int8 x int8-quantized activations (llama.cpp's Q4_1 / Q8_0 x Q8 scheme) ----
-// Each activation row is quantized per group of 32 inputs to int8 with a scale dx, so a group's dot
-// product is an integer multiply-add over 32 pairs (AVX2 maddubs + madd) scaled by weight scale * dx.
-// Small batches are bound by reading the weights: int4 reads 4.5 bits per weight, fp32 32.
-//
-// int4 layout: rows in blocks of 8, packed (N / 8, G, 4, 32) uint8. For block b, group g and
-// vector v, byte 4 * i + e holds row 8b + i's code of input 32g + 4v + e in its low nibble and of
-// input 32g + 16 + 4v + e in its high nibble (codes 0..15). So one 32-byte load and two masks give
-// 8 rows x 4 inputs, which maddubs multiplies by 4 broadcast activations: each 32-bit lane stays one
-// output column, a group's dot products land in one vector and the per-group scales apply as vectors
-// (no horizontal sums). scale_min (N / 8, G, 2, 8) fp16: w = code * scale + min per row and group.
-// int8 layout: the same blocks of 8 rows, qweight (N / 8, G, 8, 32) int8 where vector v holds inputs
-// 32g + 4v .. 32g + 4v + 3 of each row (byte 4i + e); scales (N / 8, G, 8) fp16: w = code * scale.
-constexpr int64_t kGroup = 32;
-constexpr int64_t kTile = 4;       // activation rows per pass over a block of weight rows
-constexpr int64_t kPrefetchBytes = 1024;  // software prefetch distance in the int4 weight stream
-constexpr int64_t kBlockRows = 8;  // weight rows per block (int4 and int8 layouts)
-constexpr int64_t kMaxGroups = 2048;  // K <= 65536 (kernels/quant.py NATIVE_MAX_K)
+using berth::kBlockRows;
+using berth::kGroup;
+using berth::kMaxGroups;
+using berth::QuantizedRows;
+using berth::quantize_range;
+using berth::quantize_rows;
 
-struct QuantizedRows {      // activations (M, K) as int8 per group of 32
-  std::vector<int8_t> q;    // (M, K)
-  std::vector<float> d;     // (M, G) scale
-  std::vector<float> s;     // (M, G) scale * sum(q)
-};
-
-#ifdef BERTH_AVX2
-inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+// the block kernels this CPU runs (quant.h, dispatch.cpp)
+inline void q4_blocks(const uint8_t* packed, const at::Half* scale_min, const QuantizedRows& qx, int64_t k,
+                      int64_t rows, float* y, int64_t n, int64_t begin, int64_t end) {
+  berth::kernels().q4_blocks(packed, scale_min, qx, k, rows, y, n, begin, end);
 }
-
-// one group of 32: q = round(x / d) (ties to even, as std::nearbyint), returns sum(q)
-inline int quantize_group(const float* x, float inv, int8_t* q) {
-  const __m256 iv = _mm256_set1_ps(inv);
-  __m256i c[4];
-  for (int i = 0; i < 4; ++i) {
-    c[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(_mm256_loadu_ps(x + 8 * i), iv),
-                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  }
-  const __m256i sum8 = _mm256_add_epi32(_mm256_add_epi32(c[0], c[1]), _mm256_add_epi32(c[2], c[3]));
-  __m128i sum4 = _mm_add_epi32(_mm256_castsi256_si128(sum8), _mm256_extracti128_si256(sum8, 1));
-  sum4 = _mm_hadd_epi32(sum4, sum4);
-  sum4 = _mm_hadd_epi32(sum4, sum4);
-  // the packs interleave 128-bit lanes; the permutation restores the order of the 32 codes
-  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q),
-                      _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
-  return _mm_cvtsi128_si32(sum4);
-}
-#endif
-
-// Groups [begin, end) of the flattened (rows * K / 32) sequence: group i is row i / groups, group
-// i % groups. out holds at least that many rows of width k.
-void quantize_range(const float* x, int64_t begin, int64_t end, QuantizedRows& out) {
-  for (int64_t i = begin; i < end; ++i) {
-    const float* xg = x + i * kGroup;
-    int8_t* qg = out.q.data() + i * kGroup;
-    float amax = 0.f;
-#ifdef BERTH_AVX2
-    __m256 m = _mm256_setzero_ps();
-    for (int c = 0; c < 4; ++c) m = _mm256_max_ps(m, _mm256_andnot_ps(_mm256_set1_ps(-0.f), _mm256_loadu_ps(xg + 8 * c)));
-    amax = hmax(m);
-#else
-    for (int64_t j = 0; j < kGroup; ++j) amax = std::max(amax, std::fabs(xg[j]));
-#endif
-    const float d = amax / 127.f, inv = d > 0.f ? 1.f / d : 0.f;
-#ifdef BERTH_AVX2
-    const int sum = quantize_group(xg, inv, qg);
-#else
-    int sum = 0;
-    for (int64_t j = 0; j < kGroup; ++j) {
-      qg[j] = static_cast<int8_t>(std::nearbyint(xg[j] * inv));
-      sum += qg[j];
-    }
-#endif
-    out.d[i] = d;
-    out.s[i] = d * static_cast<float>(sum);
-  }
-}
-
-QuantizedRows quantize_rows(const float* x, int64_t rows, int64_t k) {
-  const int64_t groups = k / kGroup;
-  QuantizedRows out{std::vector<int8_t>(rows * k), std::vector<float>(rows * groups),
-                    std::vector<float>(rows * groups)};
-  at::parallel_for(0, rows * groups, 512, [&](int64_t begin, int64_t end) { quantize_range(x, begin, end, out); });
-  return out;
+inline void q8_blocks(const int8_t* qweight, const at::Half* scales, const QuantizedRows& qx, int64_t k,
+                      int64_t rows, float* y, int64_t n, int64_t begin, int64_t end) {
+  berth::kernels().q8_blocks(qweight, scales, qx, k, rows, y, n, begin, end);
 }
 
 #ifdef BERTH_AVX2
@@ -158,168 +88,7 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
   for (; i < n; ++i) y[i] += a * x[i];
 }
 
-// Columns 8b..8b+7 of y for T activation rows from row0: y[row0 + t, 8b + i] = w_{8b+i} . x[row0 + t].
-template <int T>
-void q4_block(const uint8_t* w, const at::Half* scale_min, const QuantizedRows& qx, int64_t k, int64_t row0,
-              float* y, int64_t n, int64_t col0) {
-  const int64_t groups = k / kGroup;
-  const int8_t* q[T];
-  const float *dx[T], *sx[T];
-  for (int t = 0; t < T; ++t) {
-    q[t] = qx.q.data() + (row0 + t) * k;
-    dx[t] = qx.d.data() + (row0 + t) * groups;
-    sx[t] = qx.s.data() + (row0 + t) * groups;
-  }
-#ifdef BERTH_AVX2
-  const __m256i mask = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
-  __m256 acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    const uint8_t* wg = w + g * 128;
-    _mm_prefetch(reinterpret_cast<const char*>(wg) + kPrefetchBytes, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wg) + kPrefetchBytes + 64, _MM_HINT_T0);
-    // the group's 8 weight vectors (4 loads, two nibbles each), then each activation row against them
-    __m256i wv[8];
-    for (int v = 0; v < 4; ++v) {
-      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + v * 32));
-      wv[v] = _mm256_and_si256(bytes, mask);
-      wv[v + 4] = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
-    }
-    // int16 sums of 16 products each: |code * q| <= 15 * 127, 16 * 1905 < 32768, no saturation
-    __m256i dot16[T];
-    for (int t = 0; t < T; ++t) {
-      const int8_t* qg = q[t] + g * kGroup;  // wv[v] holds inputs 4v..4v+3 of the group
-      __m256i sum = _mm256_setzero_si256();
-      for (int v = 0; v < 8; ++v) {
-        int32_t a;
-        std::memcpy(&a, qg + 4 * v, 4);
-        sum = _mm256_add_epi16(sum, _mm256_maddubs_epi16(wv[v], _mm256_set1_epi32(a)));
-      }
-      dot16[t] = sum;
-    }
-    const __m128i* sm = reinterpret_cast<const __m128i*>(scale_min + g * 16);
-    const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(sm)), mins = _mm256_cvtph_ps(_mm_loadu_si128(sm + 1));
-    for (int t = 0; t < T; ++t) {
-      const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(dot16[t], ones));
-      acc[t] = _mm256_fmadd_ps(dot, _mm256_mul_ps(scale, _mm256_broadcast_ss(dx[t] + g)), acc[t]);
-      acc[t] = _mm256_fmadd_ps(mins, _mm256_broadcast_ss(sx[t] + g), acc[t]);
-    }
-  }
-  for (int t = 0; t < T; ++t) _mm256_storeu_ps(y + (row0 + t) * n + col0, acc[t]);
-#else
-  for (int t = 0; t < T; ++t) {
-    for (int64_t i = 0; i < kBlockRows; ++i) {
-      float total = 0.f;
-      for (int64_t g = 0; g < groups; ++g) {
-        int dot = 0;
-        for (int64_t v = 0; v < 4; ++v) {
-          for (int64_t e = 0; e < 4; ++e) {
-            const uint8_t byte = w[g * 128 + v * 32 + 4 * i + e];
-            dot += (byte & 0x0F) * q[t][g * kGroup + 4 * v + e] + (byte >> 4) * q[t][g * kGroup + 16 + 4 * v + e];
-          }
-        }
-        const float scale = static_cast<float>(scale_min[g * 16 + i]), mn = static_cast<float>(scale_min[g * 16 + 8 + i]);
-        total += scale * dx[t][g] * static_cast<float>(dot) + mn * sx[t][g];
-      }
-      y[(row0 + t) * n + col0 + i] = total;
-    }
-  }
-#endif
-}
 
-// Columns 8b..8b+7 of y for T activation rows, int8 weights: the signs move onto the activations so
-// that maddubs multiplies |w| (unsigned) by sign(w) * q; each product pair needs int32 (|sum| < 2^15 + 1).
-template <int T>
-void q8_block(const int8_t* w, const at::Half* scales, const QuantizedRows& qx, int64_t k, int64_t row0,
-              float* y, int64_t n, int64_t col0) {
-  const int64_t groups = k / kGroup;
-  const int8_t* q[T];
-  const float* dx[T];
-  for (int t = 0; t < T; ++t) {
-    q[t] = qx.q.data() + (row0 + t) * k;
-    dx[t] = qx.d.data() + (row0 + t) * groups;
-  }
-#ifdef BERTH_AVX2
-  const __m256i ones = _mm256_set1_epi16(1);
-  __m256 acc[T];
-  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < groups; ++g) {
-    const int8_t* wg = w + g * 256;
-    _mm_prefetch(reinterpret_cast<const char*>(wg) + 2 * kPrefetchBytes, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wg) + 2 * kPrefetchBytes + 64, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wg) + 2 * kPrefetchBytes + 128, _MM_HINT_T0);
-    _mm_prefetch(reinterpret_cast<const char*>(wg) + 2 * kPrefetchBytes + 192, _MM_HINT_T0);
-    __m256i dot[T];
-    for (int t = 0; t < T; ++t) dot[t] = _mm256_setzero_si256();
-    for (int v = 0; v < 8; ++v) {
-      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + v * 32));
-      const __m256i wabs = _mm256_sign_epi8(wv, wv);
-      for (int t = 0; t < T; ++t) {
-        int32_t a;
-        std::memcpy(&a, q[t] + g * kGroup + 4 * v, 4);
-        const __m256i prod = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(_mm256_set1_epi32(a), wv));
-        dot[t] = _mm256_add_epi32(dot[t], _mm256_madd_epi16(prod, ones));
-      }
-    }
-    const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + g * 8)));
-    for (int t = 0; t < T; ++t) {
-      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[t]), _mm256_mul_ps(scale, _mm256_broadcast_ss(dx[t] + g)), acc[t]);
-    }
-  }
-  for (int t = 0; t < T; ++t) _mm256_storeu_ps(y + (row0 + t) * n + col0, acc[t]);
-#else
-  for (int t = 0; t < T; ++t) {
-    for (int64_t i = 0; i < kBlockRows; ++i) {
-      float total = 0.f;
-      for (int64_t g = 0; g < groups; ++g) {
-        int dot = 0;
-        for (int64_t v = 0; v < 8; ++v) {
-          for (int64_t e = 0; e < 4; ++e) dot += w[g * 256 + v * 32 + 4 * i + e] * q[t][g * kGroup + 4 * v + e];
-        }
-        total += static_cast<float>(scales[g * 8 + i]) * dx[t][g] * static_cast<float>(dot);
-      }
-      y[(row0 + t) * n + col0 + i] = total;
-    }
-  }
-#endif
-}
-
-template <typename Fn>
-inline void by_tile(int64_t tile, Fn fn) {
-  switch (tile) {
-    case 1: fn(std::integral_constant<int, 1>{}); break;
-    case 2: fn(std::integral_constant<int, 2>{}); break;
-    case 3: fn(std::integral_constant<int, 3>{}); break;
-    default: fn(std::integral_constant<int, 4>{}); break;
-  }
-}
-
-// Columns 8b..8b+7 of y (rows, n) for weight blocks b in [begin, end), every activation row, from
-// the int8-rounded activations qx (width k): int4 weights (q4_linear's layout) ...
-void q4_blocks(const uint8_t* packed, const at::Half* scale_min, const QuantizedRows& qx, int64_t k, int64_t rows,
-               float* y, int64_t n, int64_t begin, int64_t end) {
-  const int64_t groups = k / kGroup;
-  for (int64_t b = begin; b < end; ++b) {
-    for (int64_t r = 0; r < rows; r += kTile) {
-      by_tile(std::min(kTile, rows - r), [&](auto t) {
-        q4_block<decltype(t)::value>(packed + b * groups * 128, scale_min + b * groups * 16, qx, k, r, y, n, b * kBlockRows);
-      });
-    }
-  }
-}
-
-// ... or int8 weights (q8_linear's layout)
-void q8_blocks(const int8_t* qweight, const at::Half* scales, const QuantizedRows& qx, int64_t k, int64_t rows,
-               float* y, int64_t n, int64_t begin, int64_t end) {
-  const int64_t groups = k / kGroup;
-  for (int64_t b = begin; b < end; ++b) {
-    for (int64_t r = 0; r < rows; r += kTile) {
-      by_tile(std::min(kTile, rows - r), [&](auto t) {
-        q8_block<decltype(t)::value>(qweight + b * groups * 256, scales + b * groups * 8, qx, k, r, y, n, b * kBlockRows);
-      });
-    }
-  }
-}
 
 // x (M, K) fp32, qweight (N / 8, K / 32, 8, 32) int8, scales (N / 8, K / 32, 8) fp16 -> (M, N) fp32
 at::Tensor q8_linear(const at::Tensor& x_in, const at::Tensor& qweight, const at::Tensor& scales) {
@@ -424,15 +193,22 @@ at::Tensor argmax_rows(const at::Tensor& x_in) {
   return out;
 }
 
-// A linear layer: the float weight (may be empty when quantized without keeping it) and, when
-// quantized, its int8 (qweight, scales) or int4 (packed, scales_zeros, group) form.
+// A linear layer: the float weight (may be empty when quantized without keeping it; fp32, or bf16/fp16
+// as a checkpoint stores it) and, when quantized, one of: torch's int8 (quant 1: qweight, scales) or int4
+// (quant 2: packed, scales_zeros, group) kernels' forms, our int4 kernel's (quant 2 with q4_packed), or our
+// int8 kernel's (quant 3: q0 = qweight, q1 = scales in q8_linear's layout, group = the real N).
 struct Linear {
-  at::Tensor weight;          // (N, K) fp32, or empty
-  int64_t quant = 0;          // 0 none, 1 int8, 2 int4
+  at::Tensor weight;          // (N, K), or empty
+  int64_t quant = 0;          // 0 none, 1 int8, 2 int4, 3 native int8 (Q8_0 layout)
   at::Tensor q0, q1;          // int8: qweight, scales; int4: packed, scales_zeros
   int64_t group = 0;
   at::Tensor bias;            // (N,) or undefined
   at::Tensor q4_packed, q4_scale_min;  // int4 in q4_linear's layout, or undefined
+
+  bool native_q4() const { return q4_packed.defined(); }
+  bool native_q8() const { return quant == 3; }
+  // output columns of this layer's native kernel (padding included for q8)
+  int64_t native_rows() const { return native_q4() ? q4_packed.size(0) * kBlockRows : q0.size(0) * kBlockRows; }
 
   at::Tensor operator()(const at::Tensor& x, int64_t quantized_max_rows) const {
     at::Tensor y;
@@ -440,10 +216,15 @@ struct Linear {
     bool use_quant = quant != 0 && (x.size(0) <= quantized_max_rows || weight.numel() == 0);
     if (quant == 2 && q4_packed.defined()) {
       y = q4_linear(x, q4_packed, q4_scale_min);
+    } else if (quant == 3) {
+      y = q8_linear(x, q0, q1);
+      if (y.size(1) != group) y = y.narrow(1, 0, group).contiguous();
     } else if (use_quant && quant == 2) {
       y = at::_weight_int4pack_mm_for_cpu(x.to(at::kBFloat16), q0, group, q1).to(at::kFloat);
     } else if (use_quant && quant == 1) {
       y = at::_weight_int8pack_mm(x.to(at::kBFloat16), q0, q1).to(at::kFloat);
+    } else if (weight.scalar_type() != at::kFloat) {  // bf16 / fp16 as stored: oneDNN (AMX where the CPU has it)
+      y = at::linear(x.to(weight.scalar_type()), weight).to(at::kFloat);
     } else {
       return at::linear(x, weight, bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt);
     }
@@ -457,16 +238,18 @@ Linear make_linear(py::tuple t) {
   Linear lin;
   lin.weight = t[0].cast<at::Tensor>();
   lin.quant = t[1].cast<int64_t>();
-  if (lin.quant != 0) {
+  if (lin.quant != 0 && !t[2].is_none()) {
     lin.q0 = t[2].cast<at::Tensor>();
     lin.q1 = t[3].cast<at::Tensor>();
-    lin.group = t[4].cast<int64_t>();
   }
+  lin.group = t[4].cast<int64_t>();
   if (!t[5].is_none()) lin.bias = t[5].cast<at::Tensor>();
   if (!t[6].is_none()) {
     lin.q4_packed = t[6].cast<at::Tensor>();
     lin.q4_scale_min = t[7].cast<at::Tensor>();
   }
+  TORCH_CHECK(lin.quant != 3 || (lin.q0.defined() && lin.q0.scalar_type() == at::kChar && lin.q0.dim() == 4),
+              "native int8 linear needs its (N/8, K/32, 8, 32) qweight");
   return lin;
 }
 
@@ -682,7 +465,9 @@ class NativeModel {
     team_ = !layers_.empty();
     for (const Layer& L : layers_) {
       for (const Linear* lin : {&L.qkv, &L.o, &L.gate_up, &L.down}) {
-        team_ = team_ && lin->q4_packed.defined() && (lin == &L.qkv || !lin->bias.defined());
+        // q8 only without padding rows: the team writes straight into rows of width N
+        const bool native = lin->native_q4() || (lin->native_q8() && lin->native_rows() == lin->group);
+        team_ = team_ && native && (lin == &L.qkv || !lin->bias.defined());
       }
     }
   }
@@ -810,7 +595,7 @@ class NativeModel {
                           const std::vector<std::pair<at::Tensor, at::Tensor>>& caches) const {
     const int64_t T = x.size(0), H = x.size(1);
     const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, W = (Hq + 2 * Hkv) * D;
-    const int64_t inter = layers_[0].gate_up.q4_packed.size(0) * kBlockRows / 2;
+    const int64_t inter = layers_[0].gate_up.native_rows() / 2;
     const int64_t max_k = std::max({H, Hq * D, inter});
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
     at::Tensor residual = x.clone(), out = at::empty_like(x);
@@ -843,11 +628,15 @@ class NativeModel {
         quantize_range(normed.data(), r0 * H / kGroup, r1 * H / kGroup, qx);
       };
       auto product = [&](const Linear& lin, int64_t k, float* dst) {
-        const int64_t blocks = lin.q4_packed.size(0);
+        const int64_t blocks = lin.native_rows() / kBlockRows;
         int64_t b0, b1;
         std::tie(b0, b1) = share(blocks, tid, n);
-        q4_blocks(lin.q4_packed.data_ptr<uint8_t>(), lin.q4_scale_min.data_ptr<at::Half>(), qx, k, T, dst,
-                  blocks * kBlockRows, b0, b1);
+        if (lin.native_q4()) {
+          q4_blocks(lin.q4_packed.data_ptr<uint8_t>(), lin.q4_scale_min.data_ptr<at::Half>(), qx, k, T, dst,
+                    blocks * kBlockRows, b0, b1);
+        } else {
+          q8_blocks(lin.q0.data_ptr<int8_t>(), lin.q1.data_ptr<at::Half>(), qx, k, T, dst, blocks * kBlockRows, b0, b1);
+        }
       };
       for (size_t li = 0; li < layers_.size(); ++li) {
         const Layer& L = layers_[li];
@@ -971,16 +760,21 @@ class NativeModel {
   int64_t num_heads_, num_kv_heads_, head_dim_;
   float eps_;
   int64_t quantized_max_rows_ = 0;
-  bool team_ = false;  // every product int4 (see forward_team)
+  bool team_ = false;  // every product our int4 or int8 kernel (see forward_team)
 };
 
 }  // namespace
 
+void register_gguf_repack(pybind11::module& m);  // gguf_repack.cpp
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  register_gguf_repack(m);
+  m.def("isa", []() { return std::string(berth::kernels().isa); },
+        "the instruction set of the quantized block kernels chosen for this CPU (cpuid; BERTH_ISA forces a lesser one)");
   py::class_<NativeModel>(m, "NativeModel")
       .def(py::init<py::list, at::Tensor, int64_t, int64_t, int64_t, double>())
       .def("forward", &NativeModel::forward)
-      .def_property_readonly("team", &NativeModel::team, "True when a step runs as one OpenMP team (int4)");
+      .def_property_readonly("team", &NativeModel::team, "True when a step runs as one OpenMP team (native int4/int8 products)");
   m.def("q8_linear", &q8_linear, py::call_guard<py::gil_scoped_release>(), "x (M, K) fp32 @ int8 weight ((N/8, K/32, 8, 32), (N/8, K/32, 8) fp16 scales) -> (M, N)");
   m.def("argmax_rows", &argmax_rows, py::call_guard<py::gil_scoped_release>(),
         "x (B, V) fp32 -> (B,) int64: torch.argmax(x, dim=1), vectorized");

@@ -24,6 +24,15 @@ from server.engine.tokenizer import Tokenizer, admit
 log = logging.getLogger("berth.engine")
 
 
+def _device_bytes(device: torch.device) -> int:
+    free, _ = torch.cuda.mem_get_info(device)
+    return free
+
+
+def _stored_half(hf_config) -> bool:
+    return str(getattr(hf_config, "torch_dtype", None) or getattr(hf_config, "dtype", "")).endswith(("bfloat16", "float16"))
+
+
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer: Tokenizer, config: EngineConfig, max_model_len: int):
         self.runner = runner
@@ -41,22 +50,68 @@ class Engine:
 
     @classmethod
     def from_folder(cls, folder: str, config: EngineConfig, device: torch.device, dtype: torch.dtype) -> "Engine":
-        from server.engine.models.weights import build_model
+        from transformers import AutoConfig
 
-        model = build_model(folder, dtype, device, config.max_model_len)
-        if config.quantization != "none":
-            model.quantize(config.quantization)
-        limit = model.config.max_position_embeddings
+        from server.engine import memory
+        from server.engine.models.gguf_loader import gguf_of
+        from server.engine.models.weights import build_model, weight_bytes
+
+        is_gguf = gguf_of(folder) is not None
+        if is_gguf and config.quantization in ("int8", "int4"):
+            raise ValueError(f"--quantization {config.quantization}: a GGUF keeps its own quant types "
+                             "(use --quantization auto, or give an HF folder)")
+        hf_config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        limit = hf_config.max_position_embeddings
         max_model_len = min(config.max_model_len or limit, limit)
-        per_block = kv_bytes_per_token(model.config, dtype) * config.block_size
-        num_blocks = max(int(config.kv_cache_gib * 2**30) // per_block, 2)
-        runner = ModelRunner(model, device, dtype, config.block_size, num_blocks)
+        head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads
+        activations = memory.activation_bytes(hf_config.hidden_size, hf_config.intermediate_size,
+                                              hf_config.vocab_size, hf_config.num_attention_heads, head_dim,
+                                              config.max_num_batched_tokens, config.max_num_seqs)
+        available = memory.available_bytes() if device.type == "cpu" else _device_bytes(device)
+        # before loading: a model whose files alone cannot fit gets one clear error, never the OOM killer
+        files = memory.file_bytes(folder)
+        # a folder on the CPU keeps its stored dtype (bf16 stays bf16; fp32 activations around it)
+        keep_stored = device.type == "cpu" and dtype == torch.float32 and not is_gguf
+        quantization = config.quantization
+        if is_gguf:     # Q4_K scales widen to fp16 per 32 (x1.11), Q5_K/Q6_K become Q8_0 (x1.3-1.5)
+            estimate = int(files * 1.35)
+        else:
+            stored = 2 if _stored_half(hf_config) else 4
+            params = files / stored
+
+            def estimate_for(method: str) -> int:
+                per_param = {"int8": 1.1, "int4": 0.6}.get(method, stored if keep_stored else dtype.itemsize)
+                return int(params * per_param)
+            if quantization == "auto":   # as stored, unless only a quantized form fits
+                budget = config.memory_utilization * available - activations
+                quantization = next((m for m in ("none", "int8", "int4") if estimate_for(m) < 0.8 * budget), "none")
+                if quantization != "none":
+                    log.warning("the weights as stored (~%.1f GiB) do not fit here: quantizing to %s",
+                                estimate_for("none") / memory.GIB, quantization)
+            estimate = estimate_for(quantization)
+        if estimate + activations > config.memory_utilization * available:
+            raise memory.MemoryPlanError(
+                f"the model does not fit: its weights need ~{estimate / memory.GIB:.1f} GiB and activations "
+                f"~{activations / memory.GIB:.1f} GiB; {available / memory.GIB:.1f} GiB available")
+        model = build_model(folder, dtype, device, config.max_model_len, quantization=quantization,
+                            keep_stored_dtype=keep_stored)
+        plan = memory.plan_memory(weight_bytes(model), kv_bytes_per_token(model.config, dtype), config.block_size,
+                                  activations, max_model_len, config.max_num_seqs, config.kv_cache_gib,
+                                  config.memory_utilization, available)
+        log.info("%s", plan.summary())
+        runner = ModelRunner(model, device, dtype, config.block_size, plan.num_blocks)
         # build the C++ model step now (once per machine) rather than on the first request
         native_step = device.type == "cpu" and dtype == torch.float32 and native.load() is not None
+        stored_dtype = model.model.layers[0].mlp.down_proj.weight.dtype
+        weights = "GGUF types" if is_gguf else (f"{quantization} weights" if quantization in ("int8", "int4")
+                                                 else f"{str(stored_dtype).removeprefix('torch.')} weights")
         log.info("paged engine: %s %s%s, %d KV blocks of %d tokens%s", device, dtype,
-                 "" if config.quantization == "none" else f", {config.quantization} weights", num_blocks,
-                 config.block_size, ", native step" if native_step else "")
-        return cls(runner, Tokenizer(folder), config, max_model_len)
+                 f", {weights}" if weights else "", plan.num_blocks, config.block_size,
+                 (", native step (one team)" if getattr(model, "_native", None) is not None and model._native.team
+                  else ", native step") if native_step else "")
+        engine = cls(runner, Tokenizer(folder), config, max_model_len)
+        engine.memory_plan = plan
+        return engine
 
     def add(self, request: GenerateRequest) -> None:
         prompt_ids = self.tokenizer.encode_request(request)

@@ -14,6 +14,16 @@ def kv_bytes_per_token(hf_config, dtype: torch.dtype) -> int:
     return 2 * hf_config.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
+def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed KV cache. On the CPU through calloc (numpy): the pages stay untouched, so not resident,
+    until a block is written: the pool's size costs address space, not RAM, until requests fill it."""
+    if device.type == "cpu" and dtype in (torch.float32, torch.float16):
+        import numpy as np
+
+        return torch.from_numpy(np.zeros(shape, dtype=np.float32 if dtype == torch.float32 else np.float16))
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
 class ModelRunner:
     def __init__(self, model, device: torch.device, dtype: torch.dtype, block_size: int, num_blocks: int):
         cfg = model.config
@@ -26,8 +36,7 @@ class ModelRunner:
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (num_blocks, block_size, kv_heads, head_dim)       # flash-attn paged layout
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=device),
-                           torch.zeros(shape, dtype=dtype, device=device))
+        self.kv_caches = [(_zeros(shape, dtype, device), _zeros(shape, dtype, device))
                           for _ in range(cfg.num_hidden_layers)]
 
     @torch.inference_mode()

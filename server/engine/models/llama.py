@@ -16,7 +16,8 @@ from torch import Tensor, nn
 
 import kernels
 from kernels import native
-from kernels.quant import (NATIVE_MAX_K, Int4Weight, Int8Weight, int4_linear, int4_supported, int8_linear,
+from kernels.gguf_repack import NativeQ4, q4_to_float, q8_to_float
+from kernels.quant import (NATIVE_MAX_K, Int4Weight, Int8Weight, Q8Weight, int4_linear, int4_supported, int8_linear,
                            quantize_int4, quantize_int8, quantize_q8)
 from kernels.metadata import AttentionMetadata
 
@@ -70,8 +71,12 @@ class Linear(nn.Module):
                      if bias else None)
         self.int8: Int8Weight | None = None
         self.int4: Int4Weight | None = None
+        # a weight that only exists in a native kernel's layout (a GGUF tensor kept in its own precision)
+        self.native: NativeQ4 | Q8Weight | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.native is not None:
+            return self._native_forward(x)
         if self.int4 is not None and self.int4.q4_packed is not None and x.dtype == torch.float32 \
                 and x.device.type == "cpu":
             ext = native.load()  # the native int4 kernel (int8 activations, AVX2), at every size
@@ -83,7 +88,25 @@ class Linear(nn.Module):
                 return int4_linear(x, self.int4, self.bias)
             if self.int8 is not None:
                 return int8_linear(x, self.int8, self.bias)
+        if self.weight.dtype != x.dtype:  # bf16 / fp16 weights as a checkpoint stores them
+            y = F.linear(x.to(self.weight.dtype), self.weight).to(x.dtype)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight, self.bias)
+
+    def _native_forward(self, x: Tensor) -> Tensor:
+        w = self.native
+        ext = native.load() if x.dtype == torch.float32 and x.device.type == "cpu" else None
+        if ext is not None:
+            if isinstance(w, NativeQ4):
+                y = ext.q4_linear(x, w.q4_packed, w.q4_scale_min)
+            else:
+                y = ext.q8_linear(x, w.qweight, w.scales)
+                if y.shape[1] != w.out_features:
+                    y = y[:, :w.out_features].contiguous()
+        else:  # no extension: dequantise per call (correct, slow; never kept as a float copy)
+            dense = q4_to_float(w) if isinstance(w, NativeQ4) else q8_to_float(w)
+            y = F.linear(x.float(), dense.to(x.device)).to(x.dtype)
+        return y if self.bias is None else y + self.bias
 
     def quantize(self, method: str, keep_float: bool = True) -> None:
         """Add the int8 or int4 form of the weight (a shape int4 cannot pack falls back to int8).
@@ -138,6 +161,8 @@ def rope_inv_freq(head_dim: int, params: dict, device=None) -> Tensor:
     """Inverse frequencies for rope_type default / linear / llama3 (transformers' formulas)."""
     exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
     inv_freq = 1.0 / (params["rope_theta"] ** exponent)  # (D/2,)
+    if params.get("freq_factors") is not None:  # a GGUF's rope_freqs tensor (Llama 3.1's scaling, precomputed)
+        return inv_freq / torch.as_tensor(params["freq_factors"], dtype=torch.float32, device=device)
     rope_type = params["rope_type"]
     if rope_type == "linear":
         return inv_freq / params["factor"]
@@ -264,7 +289,10 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]],
                 meta: AttentionMetadata) -> Tensor:
-        x = F.embedding(input_ids, self.model.embed_tokens.weight)  # (T, hidden)
+        embed = getattr(self, "embed_lookup", None)  # GGUF: rows dequantised from the file's own type
+        x = embed(input_ids) if embed is not None else F.embedding(input_ids, self.model.embed_tokens.weight)
+        if x.dtype != self.model.norm.weight.dtype:   # bf16 weights as stored, fp32 compute
+            x = x.to(self.model.norm.weight.dtype)
         native_model = self._native_model(x, kv_caches)
         if native_model is not None:
             return native_model.forward(x, positions, self.model.rotary_emb.cos_sin_cache, kv_caches,  # final norm included
@@ -286,6 +314,11 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.quantize(method, keep_float)
+        self.quantize_head()
+
+    def quantize_head(self) -> None:
+        """The output layer's int8 forms (see quantize); the float weight stays (the tied embedding)."""
+        self._native = None
         self._lm_head_int8 = quantize_int8(self.lm_head.weight)
         hidden = self.lm_head.weight.shape[1]
         self._lm_head_q8 = quantize_q8(self.lm_head.weight) if hidden % 32 == 0 and hidden <= NATIVE_MAX_K else None
@@ -308,6 +341,9 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: Tensor) -> Tensor:
+        head = getattr(self, "lm_head_linear", None)  # GGUF: the output layer in a native layout
+        if head is not None:
+            return head(hidden).float()
         if getattr(self, "_lm_head_q8", None) is not None:  # native Q8_0: ~2x fp32 GEMM at any batch
             ext = native.load() if self.native_step and hidden.dtype == torch.float32 else None
             if ext is not None and hidden.device.type == "cpu":
@@ -316,6 +352,8 @@ class LlamaForCausalLM(nn.Module):
                 return logits if logits.shape[1] == q8.out_features else logits[:, :q8.out_features].contiguous()
         if getattr(self, "_lm_head_int8", None) is not None and hidden.shape[0] <= QUANTIZED_MAX_ROWS:
             return int8_linear(hidden, self._lm_head_int8).float()  # (B, vocab)
+        if self.lm_head.weight.dtype != hidden.dtype:   # bf16 as stored (oneDNN; AMX where the CPU has it)
+            return F.linear(hidden.to(self.lm_head.weight.dtype), self.lm_head.weight).float()
         if hidden.shape[0] <= 4 and hidden.device.type == "cpu":
             return torch.mm(hidden, self._lm_head_t()).float()  # (B, vocab)
         return F.linear(hidden, self.lm_head.weight).float()  # (B, vocab)
@@ -330,8 +368,13 @@ class LlamaForCausalLM(nn.Module):
 
 
 def _native_linear(linear: Linear) -> tuple:
-    """(weight, quant 0|1|2, q0, q1, group, bias, q4_packed, q4_scale_min) as kernels/csrc/cpu_model.cpp
+    """(weight, quant 0|1|2|3, q0, q1, group, bias, q4_packed, q4_scale_min) as kernels/csrc/cpu_model.cpp
     reads a Linear."""
+    if isinstance(linear.native, NativeQ4):
+        return linear.weight, 2, None, None, 32, linear.bias, linear.native.q4_packed, linear.native.q4_scale_min
+    if linear.native is not None:
+        q8 = linear.native
+        return linear.weight, 3, q8.qweight, q8.scales, q8.out_features, linear.bias, None, None
     if linear.int4 is not None:
         q = linear.int4
         return linear.weight, 2, q.packed, q.scales_zeros, q.group_size, linear.bias, q.q4_packed, q.q4_scale_min

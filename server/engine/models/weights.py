@@ -13,28 +13,37 @@ from server.engine.models.llama import LlamaForCausalLM, is_supported
 SKIPPED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
 
 
-def build_model(folder: str, dtype: torch.dtype, device, max_positions: int | None = None
-                ) -> LlamaForCausalLM:
-    """Config (AutoConfig, local folder only) -> model materialised on `device` in `dtype`
-    without a random init -> weights loaded. Raises ValueError for unsupported architectures."""
+def build_model(folder: str, dtype: torch.dtype, device, max_positions: int | None = None,
+                quantization: str = "none", keep_stored_dtype: bool = False) -> LlamaForCausalLM:
+    """Config (AutoConfig, local folder only) -> model on the meta device -> each parameter materialised
+    as its tensors are read (safetensors, memory-mapped), in `dtype` or, with keep_stored_dtype, the
+    linear, embedding and output weights in the checkpoint's own dtype (bf16 stays bf16; norms and biases
+    in `dtype`). quantization int8/int4: each linear layer is quantized (its float weight dropped) as soon
+    as all its shards are read, so the peak during load stays near the final size. Raises ValueError for
+    unsupported architectures. A GGUF sidecar folder (model.gguf link) loads natively (gguf_loader.py)."""
+    from server.engine.models.gguf_loader import build_gguf_model, gguf_of
+
+    if gguf_of(folder) is not None:
+        return build_gguf_model(folder, device, max_positions)[0]
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if not is_supported(config):
         raise ValueError(f"unsupported model: architectures={getattr(config, 'architectures', None)} "
                          f"model_type={config.model_type}")
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    if model.tie_word_embeddings:  # to_empty() re-creates parameters and breaks the tie
-        model.lm_head.weight = model.model.embed_tokens.weight
     model.model.rotary_emb.rebuild(dtype, device)
-    load_weights(model, folder)
+    load_weights(model, folder, dtype, device, quantization, keep_stored_dtype)
+    if quantization in ("int8", "int4"):
+        model.quantize_head()
     return model.eval()
 
 
-def load_weights(model: LlamaForCausalLM, folder: str) -> None:
-    """Copy every tensor of folder/*.safetensors into `model`. q/k/v and gate/up go into their
-    shard of the fused parameter. Unknown tensors, shape mismatches and parameters (or shards)
-    left unloaded raise ValueError naming them."""
+def load_weights(model: LlamaForCausalLM, folder: str, dtype: torch.dtype | None = None, device="cpu",
+                 quantization: str = "none", keep_stored_dtype: bool = False) -> None:
+    """Read every tensor of folder/*.safetensors into `model`. q/k/v and gate/up go into their shard of
+    the fused parameter. Parameters still on the meta device are materialised on first write (dtype: see
+    build_model). Unknown tensors, shape mismatches and parameters (or shards) left unloaded raise
+    ValueError naming them."""
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
         raise ValueError(f"no *.safetensors files in {folder}")
@@ -47,18 +56,46 @@ def load_weights(model: LlamaForCausalLM, folder: str) -> None:
                     continue
                 if model.tie_word_embeddings and name == "lm_head.weight":
                     continue  # tied: the embedding holds these values
-                loaded.add(_load_tensor(model, params, name, f.get_tensor(name)))
+                target, shard = _load_tensor(model, params, name, f.get_tensor(name), dtype, device,
+                                             keep_stored_dtype)
+                loaded.add((target, shard))
+                if quantization in ("int8", "int4"):
+                    _quantize_when_complete(model, target, loaded, quantization)
     _check_complete(model, params, loaded)
+    if model.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
 
 
-def _load_tensor(model: LlamaForCausalLM, params: dict, name: str, tensor: torch.Tensor
+def _quantize_when_complete(model, target: str, loaded: set, method: str) -> None:
+    from server.engine.models.llama import Linear
+
+    module_name, attr = target.rsplit(".", 1)
+    module = model.get_submodule(module_name)
+    if not isinstance(module, Linear) or attr != "weight":
+        return
+    if all((target, i) in loaded for i in range(len(module.shard_sizes))):
+        module.quantize(method, keep_float=False)
+
+
+def _load_tensor(model: LlamaForCausalLM, params: dict, name: str, tensor: torch.Tensor,
+                 dtype: torch.dtype | None = None, device="cpu", keep_stored_dtype: bool = False
                  ) -> tuple[str, int]:
     target, shard_id = _target_of(model, name)
     param = params.get(target)
     if param is None:
         raise ValueError(f"checkpoint tensor {name!r} has no parameter in the model")
+    module_name, attr = target.rsplit(".", 1)
+    module = model.get_submodule(module_name)
+    current = getattr(module, attr)
+    if current.device.type == "meta":   # first shard read: materialise this parameter only
+        big = attr == "weight" and current.dim() == 2
+        want = tensor.dtype if keep_stored_dtype and big and tensor.dtype in (torch.bfloat16, torch.float16) \
+            else (dtype or current.dtype)
+        current = torch.nn.Parameter(torch.empty(current.shape, dtype=want, device=device), requires_grad=False)
+        setattr(module, attr, current)
+        params[target] = current
     rows = _shard_rows(model, target, shard_id)
-    dest = param.data if rows is None else param.data[rows[0]:rows[1]]
+    dest = current.data if rows is None else current.data[rows[0]:rows[1]]
     if dest.shape != tensor.shape:
         raise ValueError(f"shape mismatch for {name!r}: checkpoint {tuple(tensor.shape)}, "
                          f"model {tuple(dest.shape)}")
@@ -91,3 +128,37 @@ def _check_complete(model: LlamaForCausalLM, params: dict, loaded: set[tuple[str
                     for i in range(len(sizes)) if (name, i) not in loaded]
     if missing:
         raise ValueError(f"checkpoint is missing {len(missing)} tensors: {missing[:8]}")
+
+
+def weight_bytes(model) -> int:
+    """Resident bytes of a model's weights: parameters, quantized forms and GGUF native layouts."""
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if t is not None and isinstance(t, torch.Tensor) and t.device.type != "meta":
+            key = (t.data_ptr(), t.nbytes)
+            if key not in seen and t.nbytes:
+                seen.add(key)
+                total += t.nbytes
+    for p in model.parameters():
+        add(p)
+    for module in model.modules():
+        for attr in ("int8", "int4", "native"):
+            value = getattr(module, attr, None)
+            if value is not None:
+                for field in getattr(type(value), "__slots__", ()) or getattr(type(value), "__dataclass_fields__", ()):
+                    add(getattr(value, field, None))
+    for attr in ("_lm_head_int8", "_lm_head_q8"):
+        value = getattr(model, attr, None)
+        if value is not None:
+            for field in type(value).__dataclass_fields__:
+                add(getattr(value, field, None))
+    head = getattr(model, "lm_head_linear", None)
+    if head is not None and head.native is not None:
+        for field in type(head.native).__dataclass_fields__:
+            add(getattr(head.native, field, None))
+    embed = getattr(model, "embed_lookup", None)
+    if embed is not None:
+        add(embed.table)
+    return total

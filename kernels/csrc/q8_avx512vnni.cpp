@@ -1,0 +1,72 @@
+// q8 block kernels for AVX-512 VNNI (with VL: 256-bit forms). vpdpbusd takes unsigned x signed bytes, so
+// the weights' signs move onto the activations (|w| x sign(w) q, as the AVX2 kernel does) and each group
+// of 4 products lands in an int32 lane in one instruction (AVX2: maddubs + madd + add).
+#include "quant.h"
+
+#include <cstring>
+
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__) && defined(__F16C__) && defined(__FMA__)
+#include <immintrin.h>
+
+namespace berth {
+namespace {
+
+template <int T>
+void q8_block_vnni(const int8_t* w, const at::Half* scales, const QuantizedRows& qx, int64_t k, int64_t row0,
+                   float* y, int64_t n, int64_t col0) {
+  const int64_t groups = k / kGroup;
+  const int8_t* q[T];
+  const float* dx[T];
+  for (int t = 0; t < T; ++t) {
+    q[t] = qx.q.data() + (row0 + t) * k;
+    dx[t] = qx.d.data() + (row0 + t) * groups;
+  }
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const int8_t* wg = w + g * 256;
+    for (int p = 0; p < 4; ++p) {
+      _mm_prefetch(reinterpret_cast<const char*>(wg) + 2 * kPrefetchBytes + 64 * p, _MM_HINT_T0);
+    }
+    __m256i dot[T];
+    for (int t = 0; t < T; ++t) dot[t] = _mm256_setzero_si256();
+    for (int v = 0; v < 8; ++v) {
+      const __m256i wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wg + v * 32));
+      const __m256i wabs = _mm256_abs_epi8(wv);
+      for (int t = 0; t < T; ++t) {
+        int32_t a;
+        std::memcpy(&a, q[t] + g * kGroup + 4 * v, 4);
+        dot[t] = _mm256_dpbusd_epi32(dot[t], wabs, _mm256_sign_epi8(_mm256_set1_epi32(a), wv));
+      }
+    }
+    const __m256 scale = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(scales + g * 8)));
+    for (int t = 0; t < T; ++t) {
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[t]), _mm256_mul_ps(scale, _mm256_broadcast_ss(dx[t] + g)), acc[t]);
+    }
+  }
+  for (int t = 0; t < T; ++t) _mm256_storeu_ps(y + (row0 + t) * n + col0, acc[t]);
+}
+
+void q8_blocks_vnni(const int8_t* qweight, const at::Half* scales, const QuantizedRows& qx, int64_t k, int64_t rows,
+                    float* y, int64_t n, int64_t begin, int64_t end) {
+  const int64_t groups = k / kGroup;
+  for (int64_t b = begin; b < end; ++b) {
+    for (int64_t r = 0; r < rows; r += kTile) {
+      by_tile(std::min(kTile, rows - r), [&](auto t) {
+        q8_block_vnni<decltype(t)::value>(qweight + b * groups * 256, scales + b * groups * 8, qx, k, r, y, n,
+                                          b * kBlockRows);
+      });
+    }
+  }
+}
+
+}  // namespace
+
+const Q8Blocks q8_blocks_avx512vnni = q8_blocks_vnni;
+
+}  // namespace berth
+#else
+namespace berth {
+const Q8Blocks q8_blocks_avx512vnni = nullptr;
+}  // namespace berth
+#endif

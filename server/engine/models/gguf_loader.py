@@ -1,0 +1,380 @@
+"""Serve a GGUF file as it is: memory-mapped, each tensor kept in (or next to) its own quant type.
+
+    folder = write_sidecar(gguf_path, folder)          # config.json + tokenizer files + model.gguf link, once
+    model = build_gguf_model(folder, device, max_positions)
+
+The sidecar folder holds only metadata (config from the GGUF header, the tokenizer transformers builds
+from the GGUF's tokenizer.* fields, the chat template) and a `model.gguf` link to the file, so the rest
+of berth (Tokenizer, AutoConfig, the factory) reads it like any Hugging Face folder; no weight is ever
+written out. The weights go tensor by tensor from the memory-mapped file into the native kernels'
+layouts (kernels/gguf_repack.py says which type goes where); norms stay fp32, float tensors keep their
+dtype, the embedding table stays in the file's type and is dequantised per looked-up row.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from kernels.gguf_repack import FLOAT_TYPES, NATIVE_TYPES, NativeQ4, dequantize, dequantize_rows, repack, target_of
+from kernels.quant import NATIVE_MAX_K, Q8Weight
+
+log = logging.getLogger("berth.engine")
+
+GGUF_LINK = "model.gguf"
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                 "mistral": "MistralForCausalLM"}
+
+
+class GgufError(ValueError):
+    """A GGUF berth cannot serve natively: one line naming the architecture, tensor or type."""
+
+
+def gguf_of(folder: str | Path) -> Path | None:
+    path = Path(folder) / GGUF_LINK
+    return path if path.exists() else None
+
+
+# ---- metadata -> config.json -------------------------------------------------------------------
+
+def read_metadata(reader) -> dict:
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key not in ("tokenizer.ggml.bos_token_id",
+                                                               "tokenizer.ggml.eos_token_id",
+                                                               "tokenizer.ggml.eot_token_id"):
+            continue
+        try:
+            out[key] = field.contents()
+        except Exception:  # noqa: BLE001 - an odd field we do not need
+            continue
+    out["_vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None
+    return out
+
+
+def config_from_metadata(meta: dict, tensor_names: set[str]) -> dict:
+    arch = meta.get("general.architecture")
+    if arch not in ARCHITECTURES:
+        raise GgufError(f"GGUF architecture {arch!r} is not served natively (supported: {', '.join(ARCHITECTURES)})")
+
+    def get(key, default=None):
+        return meta.get(f"{arch}.{key}", default)
+
+    heads = int(get("attention.head_count"))
+    hidden = int(get("embedding_length"))
+    config = {
+        "architectures": [ARCHITECTURES[arch]], "model_type": arch,
+        "hidden_size": hidden, "num_hidden_layers": int(get("block_count")),
+        "intermediate_size": int(get("feed_forward_length")), "num_attention_heads": heads,
+        "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+        "head_dim": int(get("attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
+        "rope_theta": float(get("rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(get("context_length", 4096)),
+        "vocab_size": int(get("vocab_size", meta.get("_vocab_size") or 0)),
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "hidden_act": "silu", "torch_dtype": "float32",
+    }
+    if get("rope.scaling.type") == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    elif get("rope.scaling.type") not in (None, "none"):
+        raise GgufError(f"GGUF rope scaling {get('rope.scaling.type')!r} is not supported natively")
+    if arch == "qwen2":
+        config["attention_bias"] = False   # Qwen2's q/k/v bias is implied by model_type
+    for name in ("bos", "eos"):
+        if f"tokenizer.ggml.{name}_token_id" in meta:
+            config[f"{name}_token_id"] = int(meta[f"tokenizer.ggml.{name}_token_id"])
+    return config
+
+
+def write_sidecar(gguf: Path, folder: Path) -> Path:
+    """Write folder/{config.json, generation_config.json, tokenizer files, model.gguf -> gguf} (atomic)."""
+    import shutil
+
+    import transformers
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(gguf), "r")
+    meta = read_metadata(reader)
+    config = config_from_metadata(meta, {t.name for t in reader.tensors})
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    eos = [int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
+    (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": sorted(set(eos))}))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tokenizer.save_pretrained(str(tmp))
+    os.symlink(gguf.resolve(), tmp / GGUF_LINK)
+    (tmp / ".complete").write_text("ok\n")
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+# ---- tensors -> model ---------------------------------------------------------------------------
+
+class GgufEmbedding:
+    """Token embedding rows looked up in the file's own type: only the rows a step needs are dequantised."""
+
+    def __init__(self, raw: np.ndarray, ggml_type: str, hidden: int):
+        self.ggml_type, self.hidden = ggml_type, hidden
+        if ggml_type in FLOAT_TYPES:
+            self.table = _float_tensor(raw, ggml_type, hidden)
+        else:
+            self.table = torch.from_numpy(np.array(raw))   # (V, row bytes) uint8: a copy, the file is unmapped later
+        self.nbytes = self.table.nbytes
+
+    def __call__(self, ids: Tensor) -> Tensor:
+        if self.ggml_type in FLOAT_TYPES:
+            return torch.nn.functional.embedding(ids.cpu(), self.table).float().to(ids.device)
+        return dequantize_rows(self.table[ids.cpu()].numpy(), self.ggml_type, self.hidden).to(ids.device)
+
+
+def _float_tensor(raw: np.ndarray, ggml_type: str, k: int) -> Tensor:
+    if ggml_type == "BF16":
+        return torch.from_numpy(np.array(raw).view(np.int16)).view(torch.bfloat16).reshape(-1, k)
+    return torch.from_numpy(np.array(raw)).reshape(-1, k)
+
+
+def _reverse_permute_rows(n_rows: int, heads: int) -> np.ndarray:
+    """llama.cpp's converter interleaves the two RoPE halves of each q/k head (Llama only); the row order
+    that undoes it (transformers' reverse permute, on row indices: quant blocks run along rows)."""
+    idx = np.arange(n_rows)
+    dim = n_rows // heads // 2
+    return idx.reshape(heads, dim, 2).swapaxes(2, 1).reshape(n_rows)
+
+
+_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}   # GGUF value types
+_STRING, _ARRAY = 8, 9
+
+
+class GgufIndex:
+    """The tensor index of a GGUF file, read straight from its header, and its data memory-mapped.
+
+    NOTE: gguf.GGUFReader parses every metadata array element into its own numpy view: 6 s for the default
+    model's 49k-token vocabulary before a single weight is read (more for 128k-token vocabularies). The
+    loader only needs the tensor index, so this reads it in ~0.1 s; the sidecar (written once) still uses
+    GGUFReader for the metadata."""
+
+    def __init__(self, path: str | Path):
+        import struct
+
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        self.mm = np.memmap(path, dtype=np.uint8, mode="c")   # copy-on-write: writable views, never written
+        buf, pos = self.mm, 0
+
+        def unpack(fmt: str):
+            nonlocal pos
+            size = struct.calcsize(fmt)
+            value = struct.unpack_from(fmt, buf, pos)
+            pos += size
+            return value if len(value) > 1 else value[0]
+
+        def string() -> str:
+            nonlocal pos
+            n = unpack("<Q")
+            text = bytes(buf[pos:pos + n]).decode("utf-8", "replace")
+            pos += n
+            return text
+
+        def skip_value(kind: int):
+            nonlocal pos
+            if kind in _SCALAR_SIZES:
+                pos += _SCALAR_SIZES[kind]
+            elif kind == _STRING:
+                n = unpack("<Q")   # (not `pos += unpack(...)`: that adds to pos as read before the call)
+                pos += n
+            elif kind == _ARRAY:
+                elem, count = unpack("<IQ")
+                if elem in _SCALAR_SIZES:
+                    pos += _SCALAR_SIZES[elem] * count
+                else:
+                    for _ in range(count):
+                        skip_value(elem)
+            else:
+                raise GgufError(f"GGUF metadata value type {kind} is unknown")
+
+        if bytes(buf[:4]) != b"GGUF":
+            raise GgufError("not a GGUF file (bad magic bytes)")
+        pos = 4
+        version, n_tensors, n_kv = unpack("<IQQ")
+        if version < 2:
+            raise GgufError(f"GGUF version {version} is too old (2 or later)")
+        alignment = 32
+        for _ in range(n_kv):
+            key, kind = string(), unpack("<I")
+            if key == "general.alignment" and kind == 4:
+                alignment = unpack("<I")
+            else:
+                skip_value(kind)
+        infos = []
+        for _ in range(n_tensors):
+            name = string()
+            n_dims = unpack("<I")
+            dims = [unpack("<Q") for _ in range(n_dims)]
+            kind, offset = unpack("<IQ")
+            infos.append((name, dims, kind, offset))
+        start = -(-pos // alignment) * alignment
+        self.tensors = {}
+        for name, dims, kind, offset in infos:
+            qtype = GGMLQuantizationType(kind)
+            block, block_bytes = GGML_QUANT_SIZES[qtype]
+            k, rows = dims[0], int(np.prod(dims[1:])) if len(dims) > 1 else 1
+            row_bytes = k // block * block_bytes
+            self.tensors[name] = (qtype.name, dims, start + offset, rows, row_bytes)
+
+    def get(self, name: str, required: bool = True):
+        if name not in self.tensors:
+            if required:
+                raise GgufError(f"GGUF tensor {name!r} is missing")
+            return None
+        return name
+
+    def type_of(self, name: str) -> str:
+        return self.tensors[name][0]
+
+    def k_of(self, name: str) -> int:
+        return int(self.tensors[name][1][0])
+
+    def raw(self, name: str) -> np.ndarray:
+        """(rows, row bytes) uint8, memory-mapped; float types viewed as (rows, K) of their dtype."""
+        kind, dims, offset, rows, row_bytes = self.tensors[name]
+        data = self.mm[offset:offset + rows * row_bytes].reshape(rows, row_bytes)
+        if kind == "F32":
+            return data.view(np.float32)
+        if kind == "F16":
+            return data.view(np.float16)
+        return data
+
+    def rows(self, name: str, order: np.ndarray | None = None) -> tuple[np.ndarray, str, int]:
+        """(rows, ...) array (reordered copy with `order`), type, K."""
+        kind = self.type_of(name)
+        if kind not in NATIVE_TYPES + FLOAT_TYPES:
+            raise GgufError(f"GGUF tensor {name!r} has type {kind}, which berth has no kernel for "
+                            f"(supported: {', '.join(NATIVE_TYPES + FLOAT_TYPES)})")
+        data = self.raw(name)
+        return (data if order is None else data[order]), kind, self.k_of(name)
+
+    def vector(self, name: str, required: bool = True) -> Tensor | None:
+        if self.get(name, required) is None:
+            return None
+        kind = self.type_of(name)
+        values = self.raw(name)
+        if kind == "BF16":
+            return _float_tensor(values, kind, values.shape[1] // 2).float().reshape(-1)
+        return torch.from_numpy(np.array(values, dtype=np.float32).reshape(-1))
+
+    def rows_of(self, name: str) -> int:
+        return self.tensors[name][3]
+
+
+def _linear_weight(parts: list[tuple[np.ndarray, str, int]], dense_dtype: torch.dtype | None):
+    """Fuse row blocks (q|k|v or gate|up) into one weight: ('native', NativeQ4 | Q8Weight) or ('float', tensor)."""
+    kinds = {kind for _, kind, _ in parts}
+    k = parts[0][2]
+    if dense_dtype is not None:    # not a CPU: one dense copy in the compute dtype
+        return "float", torch.cat([torch.from_numpy(dequantize(r, kind, k)) for r, kind, _ in parts]).to(dense_dtype)
+    if kinds <= set(FLOAT_TYPES) and len(kinds) == 1:
+        return "float", torch.cat([_float_tensor(r, kind, k) for r, kind, _ in parts])
+    if k % 32 or k > NATIVE_MAX_K:
+        dtype = torch.bfloat16
+        return "float", torch.cat([torch.from_numpy(dequantize(r, kind, k)) for r, kind, _ in parts]).to(dtype)
+    if len(kinds) == 1 and len(parts) > 1:   # one type: the rows fuse before conversion (one pass, no cat)
+        kind = next(iter(kinds))
+        fused = np.concatenate([r for r, _, _ in parts])
+        if all(r.shape[0] % 8 == 0 for r, _, _ in parts) or target_of(kind, fused.shape[0]) == "q8":
+            return "native", repack(fused, kind, k)
+    if len(parts) == 1:
+        return "native", repack(parts[0][0], parts[0][1], k)
+    if all(kind in NATIVE_TYPES and target_of(kind, r.shape[0]) == "q4" for r, kind, _ in parts):
+        packed = [repack(r, kind, k, "q4") for r, kind, _ in parts]
+        return "native", NativeQ4(torch.cat([p.q4_packed for p in packed]),
+                                  torch.cat([p.q4_scale_min for p in packed]), sum(p.out_features for p in packed))
+    # any other mix: everything on the int8 kernel (exact for Q8_0, a fine re-quantisation otherwise)
+    packed = [repack(r, kind, k, "q8") for r, kind, _ in parts]
+    if len(packed) > 1 and any(p.out_features % 8 for p in packed):
+        raise GgufError("fused GGUF tensors need row counts that are multiples of 8")
+    return "native", Q8Weight(torch.cat([p.qweight for p in packed]), torch.cat([p.scales for p in packed]),
+                              sum(p.out_features for p in packed))
+
+
+def _set_linear(linear, parts, dense_dtype) -> int:
+    kind, value = _linear_weight(parts, dense_dtype)
+    if kind == "native":
+        linear.native = value
+        linear.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        return value.nbytes if isinstance(value, NativeQ4) else value.qweight.nbytes + value.scales.nbytes
+    expected = (sum(linear.shard_sizes), parts[0][2])
+    if tuple(value.shape) != expected:
+        raise GgufError(f"GGUF weight of shape {tuple(value.shape)} where the model expects {expected}")
+    linear.weight = nn.Parameter(value.contiguous(), requires_grad=False)
+    return value.nbytes
+
+
+def build_gguf_model(folder: str | Path, device: torch.device, max_positions: int | None = None):
+    """LlamaForCausalLM whose weights come from folder/model.gguf in native layouts (CPU) or as dense
+    `bf16` tensors (other devices). Returns (model, weight bytes)."""
+    from transformers import AutoConfig
+
+    from server.engine.models.llama import Linear, LlamaForCausalLM, is_supported
+
+    path = gguf_of(folder)
+    config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    if not is_supported(config):
+        raise GgufError(f"unsupported model: model_type={config.model_type}")
+    tensors = GgufIndex(path)
+    arch = config.model_type
+    dense_dtype = None if device.type == "cpu" else torch.bfloat16
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config, max_positions)
+    total = 0
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    for i, layer in enumerate(model.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        q, k, v = (tensors.get(f"blk.{i}.attn_{x}.weight") for x in "qkv")
+        q_order = _reverse_permute_rows(tensors.rows_of(q), heads) if arch == "llama" else None
+        k_order = _reverse_permute_rows(tensors.rows_of(k), kv_heads) if arch == "llama" else None
+        total += _set_linear(attn.qkv_proj, [tensors.rows(q, q_order), tensors.rows(k, k_order), tensors.rows(v)],
+                             dense_dtype)
+        if attn.qkv_proj.bias is not None:
+            bq, bk, bv = (tensors.vector(f"blk.{i}.attn_{x}.bias") for x in "qkv")
+            if arch == "llama":
+                bq, bk = bq[torch.from_numpy(q_order)], bk[torch.from_numpy(k_order)]
+            attn.qkv_proj.bias = nn.Parameter(torch.cat([bq, bk, bv]), requires_grad=False)
+        total += _set_linear(attn.o_proj, [tensors.rows(tensors.get(f"blk.{i}.attn_output.weight"))], dense_dtype)
+        total += _set_linear(mlp.gate_up_proj, [tensors.rows(tensors.get(f"blk.{i}.ffn_gate.weight")),
+                                                tensors.rows(tensors.get(f"blk.{i}.ffn_up.weight"))], dense_dtype)
+        total += _set_linear(mlp.down_proj, [tensors.rows(tensors.get(f"blk.{i}.ffn_down.weight"))], dense_dtype)
+        layer.input_layernorm.weight = nn.Parameter(tensors.vector(f"blk.{i}.attn_norm.weight"), requires_grad=False)
+        layer.post_attention_layernorm.weight = nn.Parameter(tensors.vector(f"blk.{i}.ffn_norm.weight"),
+                                                             requires_grad=False)
+        if attn.has_qk_norm:
+            attn.q_norm.weight = nn.Parameter(tensors.vector(f"blk.{i}.attn_q_norm.weight"), requires_grad=False)
+            attn.k_norm.weight = nn.Parameter(tensors.vector(f"blk.{i}.attn_k_norm.weight"), requires_grad=False)
+    model.model.norm.weight = nn.Parameter(tensors.vector("output_norm.weight"), requires_grad=False)
+    embd = tensors.get("token_embd.weight")
+    raw, kind, hidden = tensors.rows(embd)
+    model.embed_lookup = GgufEmbedding(raw, kind, hidden)
+    total += model.embed_lookup.nbytes
+    model.model.embed_tokens.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+    head = Linear(hidden, [config.vocab_size])
+    total += _set_linear(head, [tensors.rows(tensors.get("output.weight", required=False) or embd)], dense_dtype)
+    model.lm_head_linear = head
+    model.lm_head.weight = model.model.embed_tokens.weight
+    freqs = tensors.get("rope_freqs.weight", required=False)
+    if freqs is not None:
+        model.model.rotary_emb.params["freq_factors"] = tensors.vector(freqs).tolist()
+    model.model.rotary_emb.rebuild(torch.float32, device)
+    left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if left:
+        raise GgufError(f"GGUF left {len(left)} parameters unloaded: {left[:4]}")
+    del tensors   # unmaps the file: every tensor kept was copied into its serving layout
+    model = model.to(device)
+    return model.eval(), total

@@ -1,0 +1,57 @@
+"""The start-up memory plan (server/engine/memory.py): KV pool from available memory, and a model that cannot
+fit refused with one line before anything is allocated."""
+import subprocess
+import sys
+
+import pytest
+
+from server.engine.memory import DEFAULT_KV_CAP, GIB, MemoryPlanError, available_bytes, plan_memory
+
+KV_PER_TOKEN = 46080   # the default model: 2 x 30 layers x 3 kv heads x 64 x fp32
+
+
+def test_kv_pool_is_what_is_left_capped():
+    plan = plan_memory(weights=1 * GIB, kv_per_token=KV_PER_TOKEN, block_size=16, activations=GIB // 4,
+                       max_model_len=2048, max_num_seqs=64, kv_cache_gib=None, utilization=0.9,
+                       available=20 * GIB)
+    assert plan.kv_pool <= DEFAULT_KV_CAP and plan.kv_pool > DEFAULT_KV_CAP - 16 * KV_PER_TOKEN
+    small = plan_memory(weights=3 * GIB, kv_per_token=KV_PER_TOKEN, block_size=16, activations=GIB // 4,
+                        max_model_len=2048, max_num_seqs=64, kv_cache_gib=None, utilization=0.9,
+                        available=4 * GIB)
+    assert small.kv_pool <= int(0.9 * 4 * GIB) - 3 * GIB - GIB // 4
+    assert small.num_blocks * 16 >= 2048      # one full context still fits
+    assert "weights 3.00 GiB" in small.summary() and "KV pool" in small.summary()
+
+
+def test_kv_pool_is_not_larger_than_the_scheduler_can_use():
+    plan = plan_memory(weights=GIB, kv_per_token=KV_PER_TOKEN, block_size=16, activations=0, max_model_len=256,
+                       max_num_seqs=2, kv_cache_gib=None, utilization=0.9, available=20 * GIB)
+    assert plan.num_blocks == 2 * 256 // 16
+
+
+def test_explicit_kv_size_is_honoured_or_refused():
+    plan = plan_memory(weights=GIB, kv_per_token=KV_PER_TOKEN, block_size=16, activations=0, max_model_len=2048,
+                       max_num_seqs=64, kv_cache_gib=0.5, utilization=0.9, available=20 * GIB)
+    assert plan.num_blocks == int(0.5 * GIB) // (16 * KV_PER_TOKEN)
+    with pytest.raises(MemoryPlanError, match="--kv-cache-gib 8"):
+        plan_memory(weights=GIB, kv_per_token=KV_PER_TOKEN, block_size=16, activations=0, max_model_len=2048,
+                    max_num_seqs=64, kv_cache_gib=8, utilization=0.9, available=4 * GIB)
+
+
+def test_model_that_cannot_fit_is_refused():
+    with pytest.raises(MemoryPlanError, match="does not fit"):
+        plan_memory(weights=20 * GIB, kv_per_token=KV_PER_TOKEN, block_size=16, activations=GIB, max_model_len=2048,
+                    max_num_seqs=64, kv_cache_gib=None, utilization=0.9, available=16 * GIB)
+
+
+def test_available_memory_is_read():
+    assert 0 < available_bytes()
+
+
+def test_serve_refuses_a_model_that_cannot_fit_with_one_error_line(default_gguf_model):
+    out = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--model", "default", "--port", "1",
+                          "--memory-utilization", "0.001"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("berth: error:")]
+    assert len(errors) == 1 and "does not fit" in errors[0], out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
