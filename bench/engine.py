@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--engines", default="paged,hf")
     ap.add_argument("--model", default="default")
-    ap.add_argument("--quantization", default="none", choices=("none", "int8", "int4"))
+    ap.add_argument("--quantization", default="auto", choices=("auto", "none", "int8", "int4"))
     ap.add_argument("--json", default="bench/results/engine.json")
     ap.add_argument("--profile", action="store_true", help="print a one-step phase profile per point")
     ap.add_argument("--quantized-max-rows", type=int, default=None,
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = pick_dtype(args.dtype, torch.device("cpu"))
     levels = [int(c) for c in args.concurrency.split(",")]
     engines = args.engines.split(",")
-    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "dtype": str(dtype), "quantization": args.quantization, "threads": torch.get_num_threads(),
+    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "dtype": str(dtype), "quantization": args.quantization, "isa": _isa(), "threads": torch.get_num_threads(),
                "input_len": args.input_len, "output_len": args.output_len, "runs": args.runs, "points": []}
     paged = hf = None
     if "paged" in engines:
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     if "hf" in engines:
         import transformers
 
-        hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(resolve_model(args.model, dequantize=True)),
+                                                               dtype=dtype).eval()
     vocab = 49152 if paged is None else paged.tokenizer.vocab_size
     run_paged(paged, make_prompts(1, 16, vocab, 99), 4) if paged else None          # warm-up
     print(f"dtype {dtype}, threads {torch.get_num_threads()}, prompts {args.input_len} -> {args.output_len} tokens")
@@ -146,6 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.json}")
     return 0
+
+
+def _isa() -> str:
+    from kernels import native
+
+    ext = native.load()
+    return ext.isa() if ext is not None else "none (PyTorch path)"
 
 
 if __name__ == "__main__":

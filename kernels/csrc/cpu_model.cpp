@@ -214,7 +214,12 @@ struct Linear {
     at::Tensor y;
     // our int4 kernel beats fp32 GEMM at every size; torch's int8/int4 kernels only up to quantized_max_rows
     bool use_quant = quant != 0 && (x.size(0) <= quantized_max_rows || weight.numel() == 0);
-    if (quant == 2 && q4_packed.defined()) {
+    const int64_t bf16_rows = berth::bf16_min_rows();
+    if ((native_q4() || native_q8()) && bf16_rows > 0 && x.size(0) >= bf16_rows) {   // AMX: see dequant_bf16.cpp
+      const int64_t n = native_q4() ? native_rows() : group;
+      const at::Tensor w = native_q4() ? berth::q4_to_bf16(q4_packed, q4_scale_min, n) : berth::q8_to_bf16(q0, q1, n);
+      y = at::linear(x.to(at::kBFloat16), w).to(at::kFloat);
+    } else if (quant == 2 && q4_packed.defined()) {
       y = q4_linear(x, q4_packed, q4_scale_min);
     } else if (quant == 3) {
       y = q8_linear(x, q0, q1);
@@ -531,7 +536,9 @@ class NativeModel {
     const float* cs_p = cos_sin.data_ptr<float>();
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
 
-    if (team_) return forward_team(x, pos_p, row_p, bt_p, max_blocks, block_size, cs_p, caches);
+    // the team runs our kernels; a batch large enough for the bf16 (AMX) products takes the per-op path
+    const int64_t bf16_rows = berth::bf16_min_rows();
+    if (team_ && (bf16_rows <= 0 || tokens < bf16_rows)) return forward_team(x, pos_p, row_p, bt_p, max_blocks, block_size, cs_p, caches);
 
     at::Tensor residual = x.clone();
     at::Tensor normed = at::empty_like(x);
@@ -769,6 +776,8 @@ void register_gguf_repack(pybind11::module& m);  // gguf_repack.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_gguf_repack(m);
+  m.def("bf16_min_rows", &berth::bf16_min_rows,
+        "products of at least this many rows run in bf16 through oneDNN (AMX); 0: never on this CPU");
   m.def("isa", []() { return std::string(berth::kernels().isa); },
         "the instruction set of the quantized block kernels chosen for this CPU (cpuid; BERTH_ISA forces a lesser one)");
   py::class_<NativeModel>(m, "NativeModel")

@@ -18,12 +18,18 @@
 // 32g + 4v .. 32g + 4v + 3 of each row (byte 4i + e); scales (N / 8, G, 8) fp16: w = code * scale.
 #pragma once
 
-#include <torch/extension.h>
+// light includes: the kernel files compile in seconds (torch/extension.h alone costs ~30 s per file)
+#include <c10/util/Half.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
+
+namespace at {
+using ::c10::Half;
+class Tensor;
+}  // namespace at
 
 namespace berth {
 
@@ -60,6 +66,13 @@ struct KernelTable {
 
 // The kernels for this CPU, filled once (cpuid; BERTH_ISA=avx2|scalar forces a lesser set for tests).
 const KernelTable& kernels();
+
+// Large batches through oneDNN bf16 (AMX where the CPU has it, dequant_bf16.cpp): products of at least
+// bf16_min_rows() rows (0: never; BERTH_BF16_MIN_ROWS overrides) expand their quantized weight to bf16.
+bool cpu_has_amx_bf16();
+int64_t bf16_min_rows();
+at::Tensor q4_to_bf16(const at::Tensor& packed, const at::Tensor& scale_min, int64_t n);
+at::Tensor q8_to_bf16(const at::Tensor& qweight, const at::Tensor& scales, int64_t n);
 
 // the kernels of each instruction set (nullptr where this build has none)
 void q4_blocks_scalar(const uint8_t*, const at::Half*, const QuantizedRows&, int64_t, int64_t, float*, int64_t, int64_t, int64_t);

@@ -1,6 +1,8 @@
 // Activation rows -> int8 per group of 32 with a scale (llama.cpp's Q8 activations for Q4/Q8 weights).
 #include "quant.h"
 
+#include <ATen/Parallel.h>
+
 #include <algorithm>
 #include <cmath>
 

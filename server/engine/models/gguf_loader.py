@@ -325,6 +325,7 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
 
     from server.engine.models.llama import Linear, LlamaForCausalLM, is_supported
 
+    device = torch.device(device)
     path = gguf_of(folder)
     config = AutoConfig.from_pretrained(str(folder), local_files_only=True)
     if not is_supported(config):
