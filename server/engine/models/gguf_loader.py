@@ -127,7 +127,8 @@ class GgufEmbedding:
         if ggml_type in FLOAT_TYPES:
             self.table = _float_tensor(raw, ggml_type, hidden)
         else:
-            self.table = torch.from_numpy(np.array(raw))   # (V, row bytes) uint8: a copy, the file is unmapped later
+            # (V, row bytes) uint8 viewing the memory-mapped file: only looked-up rows are ever read in
+            self.table = torch.from_numpy(raw)
         self.nbytes = self.table.nbytes
 
     def __call__(self, ids: Tensor) -> Tensor:
@@ -253,6 +254,23 @@ class GgufIndex:
             return data.view(np.float16)
         return data
 
+    def release(self, name: str) -> None:
+        """Drop the file pages of a tensor already converted from this process's memory (they count in
+        its RSS while mapped; the page cache keeps them for the next start)."""
+        import mmap
+
+        kind, dims, offset, rows, row_bytes = self.tensors[name]
+        raw = getattr(self.mm, "_mmap", None)
+        if raw is None or not hasattr(raw, "madvise"):
+            return
+        page = mmap.PAGESIZE
+        start = offset // page * page
+        length = offset + rows * row_bytes - start
+        try:
+            raw.madvise(mmap.MADV_DONTNEED, start, length)
+        except (OSError, ValueError):
+            pass
+
     def rows(self, name: str, order: np.ndarray | None = None) -> tuple[np.ndarray, str, int]:
         """(rows, ...) array (reordered copy with `order`), type, K."""
         kind = self.type_of(name)
@@ -359,6 +377,8 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
         if attn.has_qk_norm:
             attn.q_norm.weight = nn.Parameter(tensors.vector(f"blk.{i}.attn_q_norm.weight"), requires_grad=False)
             attn.k_norm.weight = nn.Parameter(tensors.vector(f"blk.{i}.attn_k_norm.weight"), requires_grad=False)
+        for name in [n for n in tensors.tensors if n.startswith(f"blk.{i}.")]:
+            tensors.release(name)
     model.model.norm.weight = nn.Parameter(tensors.vector("output_norm.weight"), requires_grad=False)
     embd = tensors.get("token_embd.weight")
     raw, kind, hidden = tensors.rows(embd)
@@ -366,7 +386,9 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
     total += model.embed_lookup.nbytes
     model.model.embed_tokens.weight = nn.Parameter(torch.empty(0), requires_grad=False)
     head = Linear(hidden, [config.vocab_size])
-    total += _set_linear(head, [tensors.rows(tensors.get("output.weight", required=False) or embd)], dense_dtype)
+    head_name = tensors.get("output.weight", required=False) or embd
+    total += _set_linear(head, [tensors.rows(head_name)], dense_dtype)
+    tensors.release(head_name)
     model.lm_head_linear = head
     model.lm_head.weight = model.model.embed_tokens.weight
     freqs = tensors.get("rope_freqs.weight", required=False)
@@ -376,6 +398,6 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left:
         raise GgufError(f"GGUF left {len(left)} parameters unloaded: {left[:4]}")
-    del tensors   # unmaps the file: every tensor kept was copied into its serving layout
+    model.gguf_index = tensors   # the file stays mapped for the embedding rows; converted tensors were released
     model = model.to(device)
     return model.eval(), total
