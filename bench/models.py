@@ -52,6 +52,8 @@ _FIXED_METRICS = (
     ("ready_s", "process start -> /health 200 (s)", False),
     ("peak_rss_mib", "peak RSS (MiB)", False),
 )
+# shown without a ratio: how quiet the machine was
+_INFO_METRICS = (("other_cpu_cores", "CPU used by other processes during the run (cores)"),)
 
 
 def metric_rows(streams: list[int]) -> list[tuple[str, str, bool]]:
@@ -176,26 +178,34 @@ def _error_line(text: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
-def _tree_rss_kib(root: int) -> int:
-    """Summed VmRSS of root and its descendants (one pass over /proc)."""
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _tree(root: int) -> dict[int, int]:
+    """pid -> VmRSS (KiB) of root and its descendants (one pass over /proc)."""
     children: dict[int, list[int]] = {}
     rss: dict[int, int] = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):
             text = Path(entry.path, "status").read_text()
             pid = int(entry.name)
             ppid = int(re.search(r"^PPid:\s+(\d+)", text, re.M).group(1))
             match = re.search(r"^VmRSS:\s+(\d+)", text, re.M)
             rss[pid] = int(match.group(1)) if match else 0
             children.setdefault(ppid, []).append(pid)
-    total, stack = 0, [root]
+    out, stack = {}, [root]
     while stack:
         pid = stack.pop()
-        total += rss.get(pid, 0)
+        if pid in rss:
+            out[pid] = rss[pid]
         stack += children.get(pid, [])
-    return total
+    return out
+
+
+def _tree_rss_kib(root: int) -> int:
+    return sum(_tree(root).values())
 
 
 def _hwm_kib(pid: int) -> int:
@@ -204,20 +214,67 @@ def _hwm_kib(pid: int) -> int:
     return 0
 
 
+def _proc_jiffies(pid: int) -> int | None:
+    """utime + stime of one process."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return int(fields[11]) + int(fields[12])
+    return None
+
+
+def _busy_jiffies() -> int:
+    """CPU time spent by every process on the machine (user+nice+system+irq+softirq+steal)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        f = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return f[0] + f[1] + f[2] + f[5] + f[6] + (f[7] if len(f) > 7 else 0)
+    return 0
+
+
+def _self_jiffies() -> float:
+    t = os.times()
+    return (t.user + t.system) * _HZ
+
+
+def busy_cores(seconds: float = 2.0) -> float:
+    """Cores' worth of CPU the machine (everything but this process) used over the next seconds."""
+    b0, s0, t0 = _busy_jiffies(), _self_jiffies(), time.monotonic()
+    time.sleep(seconds)
+    return max(0.0, (_busy_jiffies() - b0 - (_self_jiffies() - s0)) / _HZ / (time.monotonic() - t0))
+
+
+def wait_quiet(max_cores: float, max_wait_s: float, log=print) -> float:
+    """Wait (up to max_wait_s) until other processes use under max_cores; the last reading."""
+    deadline = time.monotonic() + max_wait_s
+    busy = busy_cores()
+    while busy > max_cores and time.monotonic() < deadline:
+        log(f"  machine busy ({busy:.2f} cores used by other processes); waiting ...")
+        time.sleep(10)
+        busy = busy_cores()
+    return busy
+
+
 class RssMonitor(threading.Thread):
-    """Peak RSS of a process tree, polled every interval_s; kills the tree (SIGKILL to its process
-    group) when the machine's MemAvailable drops below min_free_mib, so a too-big model cannot take
-    the machine down."""
+    """Peak RSS of a process tree, polled every interval_s, and the CPU other processes took while
+    it ran; kills the tree (SIGKILL to its process group) when the machine's MemAvailable drops
+    below min_free_mib, so a too-big model cannot take the machine down."""
 
     def __init__(self, pid: int, interval_s: float = 0.2, min_free_mib: float = 1536) -> None:
         super().__init__(daemon=True)
         self.pid, self.interval_s, self.min_free_mib = pid, interval_s, min_free_mib
         self.peak_kib = 0
         self.killed_low_memory = False
+        self._tree_jiffies: dict[int, int] = {}
         self._stop_event = threading.Event()
+        self._start = (_busy_jiffies(), _self_jiffies(), time.monotonic())
+        self.other_cores: float | None = None
 
     def sample(self) -> None:
-        self.peak_kib = max(self.peak_kib, _tree_rss_kib(self.pid), _hwm_kib(self.pid))
+        tree = _tree(self.pid)
+        self.peak_kib = max(self.peak_kib, sum(tree.values()), _hwm_kib(self.pid))
+        for pid in tree:
+            jiffies = _proc_jiffies(pid)
+            if jiffies is not None:
+                self._tree_jiffies[pid] = jiffies
 
     def run(self) -> None:
         while not self._stop_event.is_set():
@@ -229,10 +286,15 @@ class RssMonitor(threading.Thread):
             self._stop_event.wait(self.interval_s)
 
     def stop(self) -> float:
-        """Stop polling (after one last sample while the process is still up); peak in MiB."""
+        """Stop polling (after one last sample while the process is still up); peak in MiB. Sets
+        other_cores: CPU used meanwhile by processes outside the tree and this one, in cores."""
         self.sample()
         self._stop_event.set()
         self.join(timeout=5)
+        busy0, self0, t0 = self._start
+        elapsed = time.monotonic() - t0
+        other = _busy_jiffies() - busy0 - (_self_jiffies() - self0) - sum(self._tree_jiffies.values())
+        self.other_cores = max(0.0, other / _HZ / elapsed) if elapsed > 1 else None
         return self.peak_kib / 1024
 
 
@@ -298,7 +360,9 @@ async def measure(base_url: str, prompts: Prompts, streams: list[int], output_le
 
     values: dict[str, float | None] = {}
     notes: list[str] = []
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+    # force_close: llama-server has closed a kept-alive connection under the next request ("Can not write
+    # request body"); a connection per request costs well under a millisecond here
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as http:
         target = Target(base_url, model=await _model_id(http, base_url), timeout_s=timeout_s, ignore_eos=True)
         warm = await openai_completions(http, target, prompts.warm, 8)
         if not warm.success:
@@ -380,6 +444,7 @@ def serve_and_measure(plan: ServerPlan, prompts: Prompts, args, log_dir: Path) -
             out["error"] = (f"killed: machine MemAvailable fell under {args.min_free_mib:.0f} MiB "
                             f"(server tree peak RSS {peak:.0f} MiB)")
         out["values"]["peak_rss_mib"] = peak
+        out["values"]["other_cpu_cores"] = monitor.other_cores
         break
     sticky = _STICKY_ARGS.get(plan.argv[0], ())
     if sticky and not plan.retry_args:
@@ -388,11 +453,12 @@ def serve_and_measure(plan: ServerPlan, prompts: Prompts, args, log_dir: Path) -
 
 
 def prepare_berth(path: Path, timeout_s: float) -> str | None:
-    """Convert/cache the file the way `berth serve` does, before the timed runs, so that every timed
-    start is a warm one. None, or the error line."""
+    """What `berth serve` does once per file and machine (the GGUF's sidecar folder, the compiled native
+    step), done before the timed runs so that every timed start is a warm one. None, or the error line."""
     from bench.peer_servers import BERTH_PYTHON, REPO_DIR
 
-    code = "import sys; from server.model_store import resolve_model; print(resolve_model(sys.argv[1]))"
+    code = ("import sys; from server.model_store import resolve_model; print(resolve_model(sys.argv[1]))\n"
+            "from kernels import native; native.load()")     # the C++ step is compiled once per machine
     try:
         proc = subprocess.run([str(BERTH_PYTHON), "-c", code, str(path)], cwd=REPO_DIR, capture_output=True,
                               text=True, timeout=timeout_s)
@@ -413,7 +479,9 @@ def summarize(runs: list[dict], keys: list[str]) -> dict[str, float | None]:
 
 
 def ratios(ours: dict[str, float | None], peer: dict[str, float | None]) -> dict[str, float | None]:
-    return {k: (ours[k] / peer[k] if ours.get(k) is not None and peer.get(k) else None) for k in ours}
+    info = {k for k, _ in _INFO_METRICS}
+    return {k: (ours[k] / peer[k] if ours.get(k) is not None and peer.get(k) else None)
+            for k in ours if k not in info}
 
 
 def _fmt(value: float | None, key: str) -> str:
@@ -440,6 +508,9 @@ def entry_table(entry: dict, streams: list[int]) -> str:
             r = entry["ratio"].get(key)
             cells.append("-" if r is None else f"{r:.2f}")
         lines.append(f"| {label} ({'higher' if higher else 'lower'} is better) | " + " | ".join(cells) + " |")
+    for key, label in _INFO_METRICS:
+        cells = [_fmt(servers[n]["median"].get(key), key) for n in names]
+        lines.append(f"| {label} | " + " | ".join(cells) + (" | |" if len(names) == 2 else " |"))
     runs_ok = [f"{sum(1 for r in servers[n]['runs'] if not r.get('error'))}/{len(servers[n]['runs'])}" for n in names]
     lines.append("| runs ok | " + " | ".join(runs_ok) + (" | |" if len(names) == 2 else " |"))
     for what in ("error", "note"):
@@ -456,7 +527,7 @@ def entry_table(entry: dict, streams: list[int]) -> str:
 
 def build_entry(model: str, quant: str, path: Path | None, server_runs: dict[str, list[dict]],
                 skipped: dict[str, str], streams: list[int]) -> dict:
-    keys = [k for k, _, _ in metric_rows(streams)]
+    keys = [k for k, _, _ in metric_rows(streams)] + [k for k, _ in _INFO_METRICS]
     servers = {}
     for name in (BERTH, PEER):
         if name in server_runs or name in skipped:
@@ -510,8 +581,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-peer", action="store_true", help="berth only (files must exist, or llama-quantize is built)")
     p.add_argument("--skip-berth", action="store_true")
     p.add_argument("--berth-skip-models", type=csv, default=["8b"],
-                   help="models berth is not run on (default 8b: `berth serve` dequantises a GGUF to fp32 "
-                        "today, 30+ GiB for 8B); pass '' to run berth on every model")
+                   help="models berth is not run on (default 8b, until berth's native GGUF serving has been "
+                        "checked on it: an fp32 copy would take 30+ GiB); pass '' to run berth on every model")
     p.add_argument("--port", type=int, default=8130)
     p.add_argument("--start-timeout", type=float, default=900.0, help="seconds to /health 200")
     p.add_argument("--prepare-timeout", type=float, default=3600.0,
@@ -520,6 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-timeout", type=float, default=1800.0, help="seconds for one run's requests")
     p.add_argument("--min-free-mib", type=float, default=1536.0,
                    help="kill a server when the machine's MemAvailable falls below this")
+    p.add_argument("--quiet-cores", type=float, default=0.3,
+                   help="before each start, wait until other processes use fewer cores than this (a shared "
+                        "2-core machine makes llama.cpp's spinning threads crawl); -1: do not wait")
+    p.add_argument("--quiet-wait", type=float, default=900.0, help="seconds to wait for --quiet-cores at most")
     p.add_argument("--keep-f16", action="store_true", help="keep the F16 files after quantising")
     p.add_argument("--prepare-only", action="store_true", help="build llama.cpp and the model files, then stop")
     p.add_argument("--fresh", action="store_true", help="do not merge with entries already in OUT.json")
@@ -543,6 +618,8 @@ def _save(report: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.quiet_cores is not None and args.quiet_cores < 0:
+        args.quiet_cores = None
     unknown = [m for m in args.models if m not in MODELS]
     if unknown:
         raise SystemExit(f"unknown model(s) {unknown}; choose from {sorted(MODELS)}")
@@ -612,6 +689,8 @@ def main(argv: list[str] | None = None) -> int:
                 for name in plans if run % 2 == 0 else plans[::-1]:
                     port = args.port + (port - args.port + 1) % 50   # a fresh port: no TIME_WAIT surprises
                     plan = (berth_plan(path, port, args) if name == BERTH else llama_plan(server, path, port, args))
+                    if args.quiet_cores is not None:
+                        wait_quiet(args.quiet_cores, args.quiet_wait)
                     result = serve_and_measure(plan, prompts, args, log_dir)
                     server_runs[name].append(result)
                     vals = ", ".join(f"{k} {_fmt(v, k)}" for k, v in result["values"].items())
