@@ -105,6 +105,9 @@ def _announce(args, name: str, engine, seconds: float) -> None:
     print(f"berth: serving {name!r} ({kind}, max_model_len {engine.max_model_len}) "
           f"loaded in {seconds:.1f} s", flush=True)
     print(f"  endpoint:   {url}\n  model name: {name}\n  token:      {args.token or '(none: open)'}")
+    plan = getattr(engine.engine, "memory_plan", None)
+    if plan is not None:
+        print(f"  {plan.summary()}", flush=True)
     print(f"  try:  curl {url}/v1/chat/completions -H 'Content-Type: application/json'{auth} "
           f"-d '{{\"messages\":[{{\"role\":\"user\",\"content\":\"What is the capital of Canada?\"}}]}}'",
           flush=True)

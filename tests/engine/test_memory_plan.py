@@ -55,3 +55,23 @@ def test_serve_refuses_a_model_that_cannot_fit_with_one_error_line(default_gguf_
     errors = [line for line in out.stderr.splitlines() if line.startswith("berth: error:")]
     assert len(errors) == 1 and "does not fit" in errors[0], out.stderr[-2000:]
     assert "Traceback" not in out.stderr
+
+
+def test_serve_prints_its_memory_plan_and_serves_the_default_gguf_natively(default_gguf_model):
+    from tests.conftest import free_port
+
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve", "--model", "default", "--port",
+                             str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if "WebUI:" in line or len(lines) > 200:
+                break
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=60)
+    text = "".join(lines)
+    assert "memory plan: weights" in text and "KV pool" in text and "activations" in text, text
+    assert "GGUF types" in text and "native step" in text, text       # the Q4_1 file itself, on the C++ step
+    assert "'SmolLM2-135M-Instruct'" in text
