@@ -155,7 +155,7 @@ def test_a_server_that_segfaults_at_start_is_restarted_with_no_repack(tmp_path, 
     script.write_text(FAKE_SERVER)
     monkeypatch.setattr(models, "_STICKY_ARGS", {})
     args = argparse.Namespace(streams=[1, 2], output_len=4, request_timeout=30, run_timeout=60, min_free_mib=0)
-    prompts = models.Prompts("warm", "a long prompt", ["one", "two"])
+    prompts = models.Prompts("warm", "a long prompt", ["one", "two", "three"])
     plan = models.ServerPlan("fake", [sys.executable, str(script), "--port", str(_free_port())],
                              start_timeout_s=60, retry_args=("--no-repack",))
     result = models.serve_and_measure(plan, prompts, args, tmp_path)
