@@ -95,6 +95,7 @@ class Engine:
                 f"~{activations / memory.GIB:.1f} GiB; {available / memory.GIB:.1f} GiB available")
         model = build_model(folder, dtype, device, config.max_model_len, quantization=quantization,
                             keep_stored_dtype=keep_stored)
+        memory.return_freed_memory(steady=device.type == "cpu")
         plan = memory.plan_memory(weight_bytes(model), kv_bytes_per_token(model.config, dtype), config.block_size,
                                   activations, max_model_len, config.max_num_seqs, config.kv_cache_gib,
                                   config.memory_utilization, available)

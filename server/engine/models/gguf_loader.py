@@ -323,8 +323,10 @@ def _linear_weight(parts: list[tuple[np.ndarray, str, int]], dense_dtype: torch.
                               sum(p.out_features for p in packed))
 
 
-def _set_linear(linear, parts, dense_dtype) -> int:
+def _set_linear(linear, parts, dense_dtype, tensors: "GgufIndex | None" = None, names: tuple = ()) -> int:
     kind, value = _linear_weight(parts, dense_dtype)
+    for name in names:   # converted: its file pages can go
+        tensors.release(name)
     if kind == "native":
         linear.native = value
         linear.weight = nn.Parameter(torch.empty(0), requires_grad=False)
@@ -361,16 +363,17 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
         q_order = _reverse_permute_rows(tensors.rows_of(q), heads) if arch == "llama" else None
         k_order = _reverse_permute_rows(tensors.rows_of(k), kv_heads) if arch == "llama" else None
         total += _set_linear(attn.qkv_proj, [tensors.rows(q, q_order), tensors.rows(k, k_order), tensors.rows(v)],
-                             dense_dtype)
+                             dense_dtype, tensors, (q, k, v))
         if attn.qkv_proj.bias is not None:
             bq, bk, bv = (tensors.vector(f"blk.{i}.attn_{x}.bias") for x in "qkv")
             if arch == "llama":
                 bq, bk = bq[torch.from_numpy(q_order)], bk[torch.from_numpy(k_order)]
             attn.qkv_proj.bias = nn.Parameter(torch.cat([bq, bk, bv]), requires_grad=False)
-        total += _set_linear(attn.o_proj, [tensors.rows(tensors.get(f"blk.{i}.attn_output.weight"))], dense_dtype)
-        total += _set_linear(mlp.gate_up_proj, [tensors.rows(tensors.get(f"blk.{i}.ffn_gate.weight")),
-                                                tensors.rows(tensors.get(f"blk.{i}.ffn_up.weight"))], dense_dtype)
-        total += _set_linear(mlp.down_proj, [tensors.rows(tensors.get(f"blk.{i}.ffn_down.weight"))], dense_dtype)
+        names = [f"blk.{i}.{x}.weight" for x in ("attn_output", "ffn_gate", "ffn_up", "ffn_down")]
+        total += _set_linear(attn.o_proj, [tensors.rows(names[0])], dense_dtype, tensors, names[:1])
+        total += _set_linear(mlp.gate_up_proj, [tensors.rows(names[1]), tensors.rows(names[2])], dense_dtype,
+                             tensors, names[1:3])
+        total += _set_linear(mlp.down_proj, [tensors.rows(names[3])], dense_dtype, tensors, names[3:])
         layer.input_layernorm.weight = nn.Parameter(tensors.vector(f"blk.{i}.attn_norm.weight"), requires_grad=False)
         layer.post_attention_layernorm.weight = nn.Parameter(tensors.vector(f"blk.{i}.ffn_norm.weight"),
                                                              requires_grad=False)
