@@ -521,7 +521,9 @@ def entry_table(entry: dict, streams: list[int]) -> str:
     for what in ("error", "note"):
         cells = []
         for n in names:
-            items = list(dict.fromkeys(([servers[n]["skipped"]] if servers[n].get("skipped") and what == "error" else [])
+            skip = servers[n].get("skipped")
+            skip = skip if not skip or skip.startswith("skipped") else f"skipped: {skip}"
+            items = list(dict.fromkeys(([skip] if skip and what == "error" else [])
                                        + [r[what] for r in servers[n]["runs"] if what == "error" and r.get("error")]
                                        + [x for r in servers[n]["runs"] for x in (r.get("notes") or []) if what == "note"]))
             cells.append(_cell("; ".join(items)) if items else "")
@@ -608,6 +610,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="do not merge with entries already in OUT.json")
     p.add_argument("--out", default="bench/results/models", help="writes OUT.json and OUT.md")
     return p
+
+
+def _llama_args_text(argv: list[str]) -> str:
+    """llama-server's arguments without the binary, model, host and port."""
+    out, skip = [], {"-m", "--host", "--port"}
+    items = iter(argv[1:])
+    for item in items:
+        if item in skip:
+            next(items, None)
+        else:
+            out.append(item)
+    return " ".join(out)
 
 
 def _load_report(path: Path) -> dict:
@@ -717,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
             entry |= {"date": datetime.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit(),
                       "cpu": cpu, "runs": args.runs, "streams": args.streams,
                       "llama_server": str(server) if server else None,
-                      "llama_args": " ".join(a for a in llama_plan(server, Path("MODEL"), 0, args).argv[3:-4])
+                      "llama_args": _llama_args_text(llama_plan(server, Path("MODEL"), 0, args).argv)
                       if server else None,
                       "berth_args": args.berth_args, "prepare_s": prepare_s, "prompt_len": args.prompt_len, "output_len": args.output_len}
             report["entries"] = [e for e in report["entries"]

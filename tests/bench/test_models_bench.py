@@ -109,7 +109,7 @@ def test_medians_ratios_and_table():
 
     skipped = models.build_entry("8b", "Q4_K_M", None, {models.PEER: peer}, {models.BERTH: "not run on 8b"}, streams)
     assert skipped["ratio"] == {} and skipped["servers"]["berth"]["skipped"] == "not run on 8b"
-    assert "| errors | not run on 8b |" in models.entry_table(skipped, streams)
+    assert "| errors | skipped: not run on 8b |" in models.entry_table(skipped, streams)
 
 
 FAKE_SERVER = textwrap.dedent('''
@@ -179,3 +179,9 @@ def test_process_tree_rss_and_cpu_info():
     assert models._tree_rss_kib(os.getpid()) > 1000
     info = models.cpu_info()
     assert info["cpus"] == os.cpu_count() and isinstance(info["flags"], list)
+
+
+def test_llama_args_text_leaves_out_binary_model_host_and_port():
+    argv = ["llama-server", "-m", "x.gguf", "-t", "2", "-np", "8", "-c", "8192", "--host", "127.0.0.1",
+            "--port", "8131", "--no-repack"]
+    assert models._llama_args_text(argv) == "-t 2 -np 8 -c 8192 --no-repack"
