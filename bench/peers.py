@@ -108,7 +108,7 @@ async def bench_peer(spec: PeerSpec, args, counter: TokenCounter | None) -> list
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.peers", description=__doc__.splitlines()[0])
-    p.add_argument("--peers", default="llama,transformers,berth", help="comma list: llama, transformers, berth, berth-int4")
+    p.add_argument("--peers", default="llama,transformers,berth", help="comma list: llama (built for this CPU), llama-wheel, transformers, berth")
     p.add_argument("--concurrency", type=lambda t: [int(v) for v in t.split(",")], default=[1, 4, 16, 64])
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--rounds", type=int, default=1,

@@ -32,6 +32,7 @@ class ParsedRequest:
 
 def parse_chat_request(body: object, request_id: str) -> ParsedRequest:
     body = _object(body)
+    _reject_unhonoured(body, chat=True)
     messages = _messages(body.get("messages"))
     request = GenerateRequest(request_id=request_id, params=parse_sampling(body), messages=messages,
                               add_generation_prompt=as_bool("add_generation_prompt",
@@ -44,6 +45,7 @@ def parse_completion_request(body: object, request_id: str) -> ParsedRequest:
     """OpenAI completions; BladeLLM's flavour has no "model" or sends `stream` as a string."""
     body = _object(body)
     _reject_unsupported(body)
+    _reject_unhonoured(body, chat=False)
     text, token_ids = _prompt(body.get("prompt"))
     request = GenerateRequest(request_id=request_id, params=parse_sampling(body, completion=True),
                               prompt=text, prompt_token_ids=token_ids)
@@ -146,6 +148,31 @@ def _prompt(value: object) -> tuple[str | None, list[int] | None]:
     if any(not 0 <= t <= MAX_TOKEN_ID for t in token_ids):
         raise bad_field("prompt", "token ids must be non-negative integers")
     return None, token_ids
+
+
+# Fields that change what a correct answer is (structured outputs, tool calls): until berth enforces them
+# (issue 15), a request carrying one is refused with a 400 naming it, never answered as if it were absent.
+CONSTRAINT_FIELDS = ("guided_json", "guided_choice", "guided_regex", "guided_grammar", "structured_outputs")
+TOOL_FIELDS = ("functions", "function_call")
+
+
+def _reject_unhonoured(body: dict, chat: bool) -> None:
+    response_format = body.get("response_format")
+    if response_format is not None and not (isinstance(response_format, dict)
+                                            and response_format.get("type") in ("text", None)):
+        raise bad_field("response_format", "structured outputs (json_object, json_schema) are not supported yet; "
+                                           "only {\"type\": \"text\"}")
+    for field in CONSTRAINT_FIELDS:
+        if body.get(field) is not None:
+            raise bad_field(field, "guided decoding is not supported yet")
+    if chat:
+        if body.get("tools"):
+            raise bad_field("tools", "tool calling is not supported yet")
+        if body.get("tool_choice") not in (None, "none", "auto"):
+            raise bad_field("tool_choice", "tool calling is not supported yet")
+        for field in TOOL_FIELDS:
+            if body.get(field):
+                raise bad_field(field, "function calling is not supported yet")
 
 
 def _reject_unsupported(body: dict) -> None:

@@ -124,3 +124,36 @@ def test_render_models():
     body = render_models(["smollm2"], 8192, 1700000000)
     assert body == {"object": "list", "data": [{"id": "smollm2", "object": "model", "created": 1700000000,
                                                 "owned_by": "berth", "max_model_len": 8192}]}
+
+
+import pytest as _pytest  # noqa: E402
+
+
+@_pytest.mark.parametrize("field, value", [
+    ("response_format", {"type": "json_object"}),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
+    ("tools", [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]),
+    ("tool_choice", "required"),
+    ("functions", [{"name": "f"}]),
+    ("guided_json", {"type": "object"}),
+    ("guided_choice", ["a", "b"]),
+    ("structured_outputs", {"choice": ["a"]}),
+])
+def test_fields_berth_cannot_honour_yet_get_a_400_naming_them(field, value):
+    from protocol.errors import ProtocolError
+    from protocol.openai import parse_chat_request
+
+    body = {"messages": [{"role": "user", "content": "hi"}], field: value}
+    with _pytest.raises(ProtocolError) as err:
+        parse_chat_request(body, "r")
+    assert err.value.status == 400 and err.value.param == field and field in str(err.value)
+
+
+def test_harmless_values_of_those_fields_are_accepted():
+    from protocol.openai import parse_chat_request, parse_completion_request
+
+    parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "text"},
+                        "tools": [], "tool_choice": "none"}, "r")
+    from protocol.errors import ProtocolError
+    with _pytest.raises(ProtocolError, match="response_format"):
+        parse_completion_request({"prompt": "hi", "response_format": {"type": "json_object"}}, "r")
