@@ -254,18 +254,19 @@ class GgufIndex:
             return data.view(np.float16)
         return data
 
-    def release(self, name: str) -> None:
-        """Drop the file pages of a tensor already converted from this process's memory (they count in
-        its RSS while mapped; the page cache keeps them for the next start)."""
+    def release(self, name: str, row0: int = 0, row1: int | None = None) -> None:
+        """Drop the file pages of a tensor (rows [row0, row1)) already converted from this process's memory
+        (they count in its RSS while mapped; the page cache keeps them for the next start)."""
         import mmap
 
         kind, dims, offset, rows, row_bytes = self.tensors[name]
+        row1 = rows if row1 is None else row1
         raw = getattr(self.mm, "_mmap", None)
         if raw is None or not hasattr(raw, "madvise"):
             return
         page = mmap.PAGESIZE
-        start = offset // page * page
-        length = offset + rows * row_bytes - start
+        start = (offset + row0 * row_bytes) // page * page
+        length = offset + row1 * row_bytes - start
         try:
             raw.madvise(mmap.MADV_DONTNEED, start, length)
         except (OSError, ValueError):
@@ -323,7 +324,45 @@ def _linear_weight(parts: list[tuple[np.ndarray, str, int]], dense_dtype: torch.
                               sum(p.out_features for p in packed))
 
 
+CHUNK_ROWS = 4096   # rows of a single (unfused) tensor converted at a time, its file pages released after each
+
+
+def _chunked(tensors: "GgufIndex", name: str):
+    """A single quantized tensor converted in row chunks into a preallocated native layout, each chunk's
+    file pages released as it is done: the output layer (the largest tensor) never holds two full copies."""
+    raw, kind, k = tensors.rows(name)
+    n = raw.shape[0]
+    target = target_of(kind, n)
+    groups = k // 32
+    if target == "q4":
+        packed = torch.empty(n // 8, groups, 4, 32, dtype=torch.uint8)
+        scale_min = torch.empty(n // 8, groups, 2, 8, dtype=torch.float16)
+    else:
+        blocks = -(-n // 8)
+        qweight = torch.zeros(blocks, groups, 8, 32, dtype=torch.int8)
+        scales = torch.zeros(blocks, groups, 8, dtype=torch.float16)
+    for r0 in range(0, n, CHUNK_ROWS):
+        r1 = min(n, r0 + CHUNK_ROWS)
+        part = repack(raw[r0:r1], kind, k, target)
+        b0 = r0 // 8
+        if target == "q4":
+            packed[b0:b0 + part.q4_packed.shape[0]] = part.q4_packed
+            scale_min[b0:b0 + part.q4_packed.shape[0]] = part.q4_scale_min
+        else:
+            qweight[b0:b0 + part.qweight.shape[0]] = part.qweight
+            scales[b0:b0 + part.qweight.shape[0]] = part.scales
+        del part
+        tensors.release(name, r0, r1)
+    return NativeQ4(packed, scale_min, n) if target == "q4" else Q8Weight(qweight, scales, n)
+
+
 def _set_linear(linear, parts, dense_dtype, tensors: "GgufIndex | None" = None, names: tuple = ()) -> int:
+    if (len(names) == 1 and dense_dtype is None and parts[0][1] in NATIVE_TYPES and parts[0][2] % 32 == 0
+            and parts[0][2] <= NATIVE_MAX_K):
+        value = _chunked(tensors, names[0])
+        linear.native = value
+        linear.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+        return value.nbytes if isinstance(value, NativeQ4) else value.qweight.nbytes + value.scales.nbytes
     kind, value = _linear_weight(parts, dense_dtype)
     for name in names:   # converted: its file pages can go
         tensors.release(name)
@@ -390,8 +429,7 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
     model.model.embed_tokens.weight = nn.Parameter(torch.empty(0), requires_grad=False)
     head = Linear(hidden, [config.vocab_size])
     head_name = tensors.get("output.weight", required=False) or embd
-    total += _set_linear(head, [tensors.rows(head_name)], dense_dtype)
-    tensors.release(head_name)
+    total += _set_linear(head, [tensors.rows(head_name)], dense_dtype, tensors, (head_name,))
     model.lm_head_linear = head
     model.lm_head.weight = model.model.embed_tokens.weight
     freqs = tensors.get("rope_freqs.weight", required=False)
