@@ -43,13 +43,9 @@ void q4_block_scalar(const uint8_t* w, const at::Half* scale_min, const Quantize
 void q4_blocks_scalar(const uint8_t* packed, const at::Half* scale_min, const QuantizedRows& qx, int64_t k, int64_t rows,
                float* y, int64_t n, int64_t begin, int64_t end) {
   const int64_t groups = k / kGroup;
-  for (int64_t b = begin; b < end; ++b) {
-    for (int64_t r = 0; r < rows; r += kTile) {
-      by_tile(std::min(kTile, rows - r), [&](auto t) {
-        q4_block_scalar<decltype(t)::value>(packed + b * groups * 128, scale_min + b * groups * 16, qx, k, r, y, n, b * kBlockRows);
-      });
-    }
-  }
+  for_block_tiles(rows, begin, end, [&](auto t, int64_t b, int64_t r) {
+    q4_block_scalar<decltype(t)::value>(packed + b * groups * 128, scale_min + b * groups * 16, qx, k, r, y, n, b * kBlockRows);
+  });
 }
 
 }  // namespace berth

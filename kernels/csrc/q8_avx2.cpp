@@ -54,13 +54,9 @@ void q8_block_avx2(const int8_t* w, const at::Half* scales, const QuantizedRows&
 void q8_blocks_avx2_impl(const int8_t* qweight, const at::Half* scales, const QuantizedRows& qx, int64_t k, int64_t rows,
                float* y, int64_t n, int64_t begin, int64_t end) {
   const int64_t groups = k / kGroup;
-  for (int64_t b = begin; b < end; ++b) {
-    for (int64_t r = 0; r < rows; r += kTile) {
-      by_tile(std::min(kTile, rows - r), [&](auto t) {
-        q8_block_avx2<decltype(t)::value>(qweight + b * groups * 256, scales + b * groups * 8, qx, k, r, y, n, b * kBlockRows);
-      });
-    }
-  }
+  for_block_tiles(rows, begin, end, [&](auto t, int64_t b, int64_t r) {
+    q8_block_avx2<decltype(t)::value>(qweight + b * groups * 256, scales + b * groups * 8, qx, k, r, y, n, b * kBlockRows);
+  });
 }
 
 }  // namespace

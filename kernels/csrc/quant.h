@@ -90,4 +90,16 @@ inline void by_tile(int64_t tile, Fn fn) {
   }
 }
 
+
+// fn(tile, b, r) for weight blocks b in [begin, end) and each tile of up to kTile activation rows from row r:
+// the loop every ISA's q4_blocks / q8_blocks shares
+template <typename Fn>
+inline void for_block_tiles(int64_t rows, int64_t begin, int64_t end, Fn fn) {
+  for (int64_t b = begin; b < end; ++b) {
+    for (int64_t r = 0; r < rows; r += kTile) {
+      by_tile(std::min(kTile, rows - r), [&](auto t) { fn(t, b, r); });
+    }
+  }
+}
+
 }  // namespace berth

@@ -310,7 +310,7 @@ def _linear_weight(parts: list[tuple[np.ndarray, str, int]], dense_dtype: torch.
         fused = np.concatenate([r for r, _, _ in parts])
         if all(r.shape[0] % 8 == 0 for r, _, _ in parts) or target_of(kind, fused.shape[0]) == "q8":
             return "native", repack(fused, kind, k)
-    if len(parts) == 1:
+    if len(parts) == 1:     # (single quantized tensors normally go through _chunked)
         return "native", repack(parts[0][0], parts[0][1], k)
     if all(kind in NATIVE_TYPES and target_of(kind, r.shape[0]) == "q4" for r, kind, _ in parts):
         packed = [repack(r, kind, k, "q4") for r, kind, _ in parts]
