@@ -20,10 +20,12 @@ setup(
         "tqdm",
         "prometheus_client",
         "ninja",  # builds kernels/csrc (torch.utils.cpp_extension)
+        "llguidance>=1.0",  # structured outputs (server/grammar): no dependencies, lazy grammars
     ],
     extras_require={
         "test": ["pytest", "pytest-aiohttp", "pytest-timeout", "hypothesis", "requests", "websocket-client",
-                 "openai", "playwright", "matplotlib", "numpy", "scipy"],
+                 "openai", "playwright", "matplotlib", "numpy", "scipy",
+                 "jsonschema", "pydantic", "langchain-openai", "openai-agents"],
         "cuda": ["flash-attn"],
     },
     entry_points={"console_scripts": ["berth=server.cli:main"]},

@@ -10,6 +10,9 @@ Decisions (PROTOCOLS.md leaves them open):
   STRING example under "Non-streaming mode"); structured ones follow use_stream_chat (default true).
 - history: a list of [question, answer] pairs of strings; empty pairs are skipped (the seed
   documents the default as "[()]"); at most MAX_HISTORY_PAIRS pairs.
+- response_format (same shapes as OpenAI's; protocol.constraints) constrains the answer; the
+  answer (JSON text) is the response and the history entry, unaltered. Other structured-output
+  spellings are OpenAI-route fields and are ignored here like any unknown field.
 """
 from __future__ import annotations
 
@@ -17,10 +20,11 @@ from dataclasses import dataclass
 
 import orjson
 
+from protocol.constraints import parse_constraint
 from protocol.errors import ProtocolError, bad_field
 from protocol.nul import encode_frame
 from protocol.sampling import as_bool, parse_sampling
-from protocol.types import Event, Failed, Finished, GenerateRequest, SamplingParams, TokenDelta
+from protocol.types import Constraint, Event, Failed, Finished, GenerateRequest, SamplingParams, TokenDelta
 
 EAS_DEFAULTS = {"temperature": 0.95, "top_k": 30, "top_p": 0.8, "max_new_tokens": 2048}
 MAX_HISTORY_PAIRS = 1000
@@ -44,6 +48,7 @@ class EasFields:
     stream: bool
     langchain: bool
     params: SamplingParams
+    constraint: Constraint | None = None
 
 
 def parse_eas_request(body: bytes, content_type: str | None, request_id: str) -> EasRequest:
@@ -57,7 +62,8 @@ def parse_eas_request(body: bytes, content_type: str | None, request_id: str) ->
     if not fields.prompt:
         raise bad_field("prompt", "is required and must not be empty")
     history = fields.history or []
-    request = build_request(request_id, fields.params, fields.system_prompt or "", history, fields.prompt)
+    request = build_request(request_id, fields.params, fields.system_prompt or "", history, fields.prompt,
+                            fields.constraint)
     return EasRequest(request, fields.stream, fields.prompt, history, fields.langchain)
 
 
@@ -71,7 +77,8 @@ def parse_eas_fields(obj: dict) -> EasFields:
     params = parse_sampling(obj, defaults=EAS_DEFAULTS)
     if params.n != 1:
         raise bad_field("n", "must be 1 on this route")
-    return EasFields(prompt, system_prompt, history, stream, langchain, params)
+    constraint = parse_constraint({"response_format": obj.get("response_format")})
+    return EasFields(prompt, system_prompt, history, stream, langchain, params, constraint)
 
 
 def parse_history(value: object) -> list[list[str]]:
@@ -90,13 +97,14 @@ def parse_history(value: object) -> list[list[str]]:
 
 
 def build_request(request_id: str, params: SamplingParams, system_prompt: str,
-                  history: list[list[str]], prompt: str) -> GenerateRequest:
+                  history: list[list[str]], prompt: str, constraint: Constraint | None = None) -> GenerateRequest:
     """messages = [system?] + history turns + the user prompt; max_tokens is capped to fit."""
     messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
     for question, answer in history:
         messages += [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
     messages.append({"role": "user", "content": prompt})
-    return GenerateRequest(request_id=request_id, params=params, messages=messages, cap_max_tokens=True)
+    return GenerateRequest(request_id=request_id, params=params, messages=messages, cap_max_tokens=True,
+                           constraint=constraint)
 
 
 def _decode_body(body: bytes, content_type: str | None) -> dict | str:

@@ -2,16 +2,28 @@
 
 Stream renderers and non-stream collectors live in openai_stream / openai_collect and are
 re-exported here, so `protocol.openai` is the whole OpenAI surface.
+
+Structured outputs (protocol.constraints) apply to both routes; tools (protocol.tools) to chat only.
+request.constraint: the structured-output constraint, or Constraint("tools", spec) for tool_choice
+required / named, or for auto when some tool is strict (both at once: a 400). request.tools: the
+offered tools (None with tool_choice none).
+
+Messages after parsing: {"role", "content": str} (developer -> system, text parts joined by "\n");
+an assistant message may add "tool_calls": [{"id", "type": "function", "function": {"name",
+"arguments": <JSON string>}}] (its content "" when null or absent); a tool message adds
+"tool_call_id" and, when given, "name".
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from protocol.constraints import parse_constraint
 from protocol.errors import ProtocolError, bad_field
 from protocol.openai_collect import ChatCollector, CompletionCollector
 from protocol.openai_stream import ChatStreamRenderer, CompletionStreamRenderer
 from protocol.sampling import MAX_TOKEN_ID, as_bool, as_int, parse_sampling
-from protocol.types import GenerateRequest
+from protocol.tools import parse_tools
+from protocol.types import Constraint, GenerateRequest, ToolSpec
 
 __all__ = ["ParsedRequest", "parse_chat_request", "parse_completion_request", "check_model", "render_models",
            "ChatStreamRenderer", "CompletionStreamRenderer", "ChatCollector", "CompletionCollector"]
@@ -28,27 +40,36 @@ class ParsedRequest:
     model: str | None          # as requested; check_model() resolves it
     include_usage: bool
     flavour: str               # "openai" | "bladellm"
+    tools: ToolSpec | None = None   # chat: calls are parsed out of the text (None: no tools / tool_choice none)
 
 
 def parse_chat_request(body: object, request_id: str) -> ParsedRequest:
     body = _object(body)
-    _reject_unhonoured(body, chat=True)
     messages = _messages(body.get("messages"))
-    request = GenerateRequest(request_id=request_id, params=parse_sampling(body), messages=messages,
+    params = parse_sampling(body)
+    constraint = parse_constraint(body)
+    spec = parse_tools(body, params.n)
+    if spec is not None and (spec.choice != "auto" or any(t.strict for t in spec.tools)):
+        if constraint is not None:
+            field = "tool_choice" if spec.choice != "auto" else "tools"
+            raise bad_field(field, "cannot be combined with a structured-output constraint "
+                                   "(response_format, structured_outputs or guided_*)")
+        constraint = Constraint("tools", spec)
+    request = GenerateRequest(request_id=request_id, params=params, messages=messages,
                               add_generation_prompt=as_bool("add_generation_prompt",
-                                                            body.get("add_generation_prompt", True)))
+                                                            body.get("add_generation_prompt", True)),
+                              constraint=constraint, tools=spec.tools if spec is not None else None)
     stream = as_bool("stream", _or(body.get("stream"), False))
-    return ParsedRequest(request, stream, _model(body), _include_usage(body), "openai")
+    return ParsedRequest(request, stream, _model(body), _include_usage(body), "openai", spec)
 
 
 def parse_completion_request(body: object, request_id: str) -> ParsedRequest:
     """OpenAI completions; BladeLLM's flavour has no "model" or sends `stream` as a string."""
     body = _object(body)
     _reject_unsupported(body)
-    _reject_unhonoured(body, chat=False)
     text, token_ids = _prompt(body.get("prompt"))
     request = GenerateRequest(request_id=request_id, params=parse_sampling(body, completion=True),
-                              prompt=text, prompt_token_ids=token_ids)
+                              prompt=text, prompt_token_ids=token_ids, constraint=parse_constraint(body))
     raw_stream = body.get("stream")
     flavour = "bladellm" if "model" not in body or isinstance(raw_stream, str) else "openai"
     return ParsedRequest(request, _stream_flag(raw_stream), _model(body), _include_usage(body), flavour)
@@ -115,9 +136,40 @@ def _message(message: object) -> dict:
     if role not in ROLES:
         raise bad_field("messages", f"unknown role; expected one of {', '.join(ROLES)}")
     content = message.get("content")
+    tool_calls = _tool_calls(message.get("tool_calls")) if role == "assistant" else None
     if content is None and role == "assistant":
         content = ""
-    return {"role": ROLES[role], "content": _content(content)}
+    parsed = {"role": ROLES[role], "content": _content(content)}
+    if tool_calls:
+        parsed["tool_calls"] = tool_calls
+    if role == "tool":
+        if not isinstance(message.get("tool_call_id"), str):
+            raise bad_field("messages", "a tool message needs a tool_call_id string")
+        parsed["tool_call_id"] = message["tool_call_id"]
+        if message.get("name") is not None:
+            if not isinstance(message["name"], str):
+                raise bad_field("messages", "a tool message's name must be a string")
+            parsed["name"] = message["name"]
+    return parsed
+
+
+def _tool_calls(value: object) -> list[dict] | None:
+    """An assistant message's tool_calls, validated and copied (None or [] -> None)."""
+    if value is None:
+        return None
+    shape = ('tool_calls must be a list of {"id": <string>, "type": "function", '
+             '"function": {"name": <string>, "arguments": <JSON string>}}')
+    if not isinstance(value, list):
+        raise bad_field("messages", shape)
+    calls = []
+    for call in value:
+        fn = call.get("function") if isinstance(call, dict) else None
+        if (not isinstance(fn, dict) or not isinstance(call.get("id"), str) or call.get("type") != "function"
+                or not isinstance(fn.get("name"), str) or not isinstance(fn.get("arguments"), str)):
+            raise bad_field("messages", shape)
+        calls.append({"id": call["id"], "type": "function",
+                      "function": {"name": fn["name"], "arguments": fn["arguments"]}})
+    return calls or None
 
 
 def _content(content: object) -> str:
@@ -150,32 +202,9 @@ def _prompt(value: object) -> tuple[str | None, list[int] | None]:
     return None, token_ids
 
 
-# Fields that change what a correct answer is (structured outputs, tool calls): until berth enforces them
-# (issue 15), a request carrying one is refused with a 400 naming it, never answered as if it were absent.
-CONSTRAINT_FIELDS = ("guided_json", "guided_choice", "guided_regex", "guided_grammar", "structured_outputs")
-TOOL_FIELDS = ("functions", "function_call")
-
-
-def _reject_unhonoured(body: dict, chat: bool) -> None:
-    response_format = body.get("response_format")
-    if response_format is not None and not (isinstance(response_format, dict)
-                                            and response_format.get("type") in ("text", None)):
-        raise bad_field("response_format", "structured outputs (json_object, json_schema) are not supported yet; "
-                                           "only {\"type\": \"text\"}")
-    for field in CONSTRAINT_FIELDS:
-        if body.get(field) is not None:
-            raise bad_field(field, "guided decoding is not supported yet")
-    if chat:
-        if body.get("tools"):
-            raise bad_field("tools", "tool calling is not supported yet")
-        if body.get("tool_choice") not in (None, "none", "auto"):
-            raise bad_field("tool_choice", "tool calling is not supported yet")
-        for field in TOOL_FIELDS:
-            if body.get(field):
-                raise bad_field(field, "function calling is not supported yet")
-
-
 def _reject_unsupported(body: dict) -> None:
+    if body.get("tools"):
+        raise bad_field("tools", "tool calling is only supported on /v1/chat/completions")
     if body.get("echo"):
         raise bad_field("echo", "is not supported")
     if body.get("suffix"):

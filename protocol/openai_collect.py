@@ -1,12 +1,16 @@
 """Non-stream bodies: collect a request's events, then render chat.completion / text_completion.
 
 feed() raises the ProtocolError of a Failed event (the server answers it as an HTTP error).
+With tools, a chat choice's text is parsed (protocol.tools.parse_tool_calls): message.tool_calls
+only when there are calls, content None when nothing else is left, finish_reason "tool_calls"
+when the engine said stop ("length" and "abort" stay). Logprobs cover all the choice's tokens.
 """
 from __future__ import annotations
 
 from protocol.openai_render import (CompletionLogprobs, UsageTally, chat_logprobs, check_index,
                                     merge_completion_logprobs)
-from protocol.types import Event, Failed, Finished, FinishReason, TokenDelta, TokenLogprob
+from protocol.tools import parse_tool_calls
+from protocol.types import Event, Failed, Finished, FinishReason, TokenDelta, TokenLogprob, ToolSpec
 
 
 class _Collector:
@@ -43,18 +47,31 @@ class _Collector:
 
 
 class ChatCollector(_Collector):
-    def __init__(self, request_id: str, model: str, created: int, n: int) -> None:
+    def __init__(self, request_id: str, model: str, created: int, n: int, tools: ToolSpec | None = None) -> None:
         super().__init__(n)
         self._base = {"id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": created,
                       "model": model}
+        self._tool_names = [t.name for t in tools.tools] if tools is not None else None
+
+    def _choice(self, index: int) -> tuple[dict, str | None]:
+        text, reason = self._text(index), self._reason(index)
+        if self._tool_names is None:
+            return {"role": "assistant", "content": text}, reason
+        content, calls = parse_tool_calls(text, self._tool_names)
+        message = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = calls
+            if reason == FinishReason.STOP.value:
+                reason = "tool_calls"
+        return message, reason
 
     def body(self) -> dict:
         choices = []
         for i in range(self.usage.n):
             parts = self._logprobs[i]
             logprobs = chat_logprobs(tuple(lp for part in parts for lp in part)) if parts is not None else None
-            choices.append({"index": i, "message": {"role": "assistant", "content": self._text(i)},
-                            "logprobs": logprobs, "finish_reason": self._reason(i)})
+            message, reason = self._choice(i)
+            choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
         return {**self._base, "choices": choices, "usage": self.usage.to_dict()}
 
 

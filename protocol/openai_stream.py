@@ -5,13 +5,22 @@ The server's one streaming loop drives every renderer the same way:
     it renders as on_error); on_end() once after the last event -> closing frames (usage, [DONE]);
     on_error(err) for an error after the stream started. After an error, on_event() and on_end()
     return nothing: [DONE] is written exactly once.
+
+Chat with tools: each choice's text goes through a protocol.tools.ToolCallParser. Content comes
+out as {"content"} deltas; a call as {"tool_calls": [{"index", "id", "type": "function",
+"function": {"name", "arguments": ""}}]}, then {"tool_calls": [{"index", "function": {"arguments":
+<fragment>}}]} deltas (the OpenAI SDK's shape); the parser is flushed before the finish chunk,
+whose finish_reason is "tool_calls" when the choice made calls and the engine said stop.
+Logprobs with tools: tokens whose text is held back wait for the next content chunk and ride on
+it; tokens whose text went into a tool call (or into dropped whitespace) get none.
 """
 from __future__ import annotations
 
 from protocol.errors import ProtocolError
 from protocol.openai_render import CompletionLogprobs, UsageTally, chat_logprobs, check_index
 from protocol.sse import DONE, encode_event
-from protocol.types import Event, Failed, Finished, TokenDelta
+from protocol.tools import ContentDelta, ToolCallParser, ToolCallStart, ToolEvent
+from protocol.types import Event, Failed, Finished, FinishReason, TokenDelta, TokenLogprob, ToolSpec
 
 
 class _SseRenderer:
@@ -63,12 +72,16 @@ class ChatStreamRenderer(_SseRenderer):
     """chat.completion.chunk events: a role chunk per choice, content deltas, a finish chunk per
     choice, then (include_usage) a usage chunk with empty choices, then [DONE]."""
 
-    def __init__(self, request_id: str, model: str, created: int, n: int, include_usage: bool) -> None:
+    def __init__(self, request_id: str, model: str, created: int, n: int, include_usage: bool,
+                 tools: ToolSpec | None = None) -> None:
         super().__init__(n)
         self._base = {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk",
                       "created": created, "model": model}
         self._include_usage = include_usage
         self._has_role = [False] * n
+        names = [t.name for t in tools.tools] if tools is not None else None
+        self._parsers = [ToolCallParser(names) for _ in range(n)] if names is not None else None
+        self._held_logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
 
     def _chunk(self, choice: dict) -> bytes:
         chunk = {**self._base, "choices": [choice]}
@@ -85,15 +98,41 @@ class ChatStreamRenderer(_SseRenderer):
 
     def _delta(self, ev: TokenDelta) -> list[bytes]:
         frames = self._role(ev.index)
+        if self._parsers is not None:
+            self._held_logprobs[ev.index] += ev.logprobs or ()
+            return frames + self._tool_frames(ev.index, self._parsers[ev.index].feed(ev.text) if ev.text else [])
         if ev.text or ev.logprobs:
             logprobs = chat_logprobs(ev.logprobs) if ev.logprobs is not None else None
             frames.append(self._chunk({"index": ev.index, "delta": {"content": ev.text},
                                        "logprobs": logprobs, "finish_reason": None}))
         return frames
 
+    def _tool_frames(self, index: int, events: list[ToolEvent]) -> list[bytes]:
+        frames = []
+        for tev in events:
+            held, self._held_logprobs[index] = self._held_logprobs[index], []
+            if isinstance(tev, ContentDelta):
+                frames.append(self._chunk({"index": index, "delta": {"content": tev.text},
+                                           "logprobs": chat_logprobs(tuple(held)) if held else None,
+                                           "finish_reason": None}))
+                continue
+            if isinstance(tev, ToolCallStart):
+                call = {"index": tev.index, "id": tev.id, "type": "function",
+                        "function": {"name": tev.name, "arguments": ""}}
+            else:
+                call = {"index": tev.index, "function": {"arguments": tev.fragment}}
+            frames.append(self._chunk({"index": index, "delta": {"tool_calls": [call]}, "logprobs": None,
+                                       "finish_reason": None}))
+        return frames
+
     def _finished(self, ev: Finished) -> list[bytes]:
-        return self._role(ev.index) + [self._chunk({"index": ev.index, "delta": {}, "logprobs": None,
-                                                    "finish_reason": ev.reason.value})]
+        frames, reason = self._role(ev.index), ev.reason.value
+        if self._parsers is not None:
+            parser = self._parsers[ev.index]
+            frames += self._tool_frames(ev.index, parser.finish())
+            if parser.num_calls and ev.reason == FinishReason.STOP:
+                reason = "tool_calls"
+        return frames + [self._chunk({"index": ev.index, "delta": {}, "logprobs": None, "finish_reason": reason})]
 
     def _closing(self) -> list[bytes]:
         if not self._include_usage:

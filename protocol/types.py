@@ -77,6 +77,48 @@ def _range(name: str, value: float, low: float, high: float, low_open: bool = Fa
         raise ProtocolError(f"{name} must be in {bound}{low}, {high}], got {value}", param=name)
 
 
+@dataclass(frozen=True, slots=True)
+class ToolFunction:
+    """One function tool of an OpenAI `tools` list. parameters is its JSON schema (an object schema;
+    {"type": "object"} when the tool gave none); strict asks for arguments that follow it exactly."""
+    name: str
+    description: str = ""
+    parameters: dict = field(default_factory=lambda: {"type": "object"})
+    strict: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ToolSpec:
+    """The tools of a chat request and how they may be called.
+    choice: "auto" (the model decides; calls are parsed out of its text), "required" (at least one
+    call), "named" (exactly the tool `name`). parallel: more than one call in one answer is allowed."""
+    tools: tuple[ToolFunction, ...]
+    choice: str = "auto"
+    name: str | None = None
+    parallel: bool = True
+
+
+# Constraint kinds (structured outputs). The spec's type per kind:
+#   "json"    a JSON schema dict ({"type": "object"} for response_format json_object)
+#   "regex"   a regular expression str (the whole answer matches it)
+#   "choice"  a tuple of str (the answer is exactly one of them)
+#   "grammar" a grammar str (Lark, or llama.cpp GBNF when it uses ::=)
+#   "tools"   a ToolSpec (the answer is <tool_call> blocks over those tools; see protocol/tools.py)
+CONSTRAINT_KINDS = ("json", "regex", "choice", "grammar", "tools")
+
+
+@dataclass(frozen=True, slots=True)
+class Constraint:
+    """What the generated text must match. The engine's grammar package compiles it; the codec
+    only describes it (no grammar library is imported by protocol/)."""
+    kind: str
+    spec: object
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONSTRAINT_KINDS:
+            raise ValueError(f"unknown constraint kind {self.kind!r}")
+
+
 @dataclass(slots=True)
 class GenerateRequest:
     """One generation. Exactly one of prompt (raw text, no template), messages (chat: the engine
@@ -90,6 +132,11 @@ class GenerateRequest:
     # True (EAS, WebSocket): max_tokens larger than the room left in the context is cut to fit.
     # False (OpenAI): prompt + max_tokens > max_model_len is a 400 at admission.
     cap_max_tokens: bool = False
+    # Structured outputs: every choice's text must match it (None: free text).
+    constraint: Constraint | None = None
+    # Tools offered to the model (chat only): rendered by the chat template when it supports tools,
+    # else by protocol.tools' fallback system prompt. None: no tools in the prompt.
+    tools: tuple[ToolFunction, ...] | None = None
 
 
 class FinishReason(str, enum.Enum):

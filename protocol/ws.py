@@ -11,6 +11,8 @@ Decisions:
   the three is a 400 "prompt is required".
 - {"action": "cancel"} (the WebUI's Stop button) aborts the round in progress.
 - A message is validated whole before it touches the session: a bad message changes nothing.
+- response_format (as on POST /) constrains that message's answer only; it is not kept in the
+  session, and a message that only updates the session ignores it.
 - Content frames never equal EOS: render_text() splits a text that is exactly "<EOS>" into the
   two frames "<EO" and "S>" (a client that concatenates frames gets the model's text back).
 """
@@ -74,7 +76,8 @@ def parse_ws_message(data: str | bytes, session: SessionState, request_id: str) 
         session.history = fields.history
     if not fields.prompt:
         return SetSystemPrompt()
-    request = build_request(request_id, fields.params, session.system_prompt, session.history, fields.prompt)
+    request = build_request(request_id, fields.params, session.system_prompt, session.history, fields.prompt,
+                            fields.constraint)
     return WsGenerate(request, fields.stream, fields.prompt, fields.langchain)
 
 

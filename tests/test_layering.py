@@ -15,6 +15,7 @@ LAYERS = {
     "protocol": (True, ["torch", "aiohttp", "asyncio", "numpy", "transformers"]),
     "kernels": (False, ["aiohttp"]),            # torch itself loads asyncio
     "server.engine": (True, ["aiohttp"]),
+    "server.grammar": (True, ["aiohttp"]),
 }
 
 PROBE = r"""

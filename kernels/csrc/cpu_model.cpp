@@ -773,9 +773,11 @@ class NativeModel {
 }  // namespace
 
 void register_gguf_repack(pybind11::module& m);  // gguf_repack.cpp
+void register_token_mask(pybind11::module& m);   // token_mask.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_gguf_repack(m);
+  register_token_mask(m);
   m.def("bf16_min_rows", &berth::bf16_min_rows,
         "products of at least this many rows run in bf16 through oneDNN (AMX); 0: never on this CPU");
   m.def("isa", []() { return std::string(berth::kernels().isa); },

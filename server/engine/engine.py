@@ -13,6 +13,7 @@ from protocol.errors import ProtocolError
 from protocol.types import Event, Failed, FinishReason, GenerateRequest
 from server.config import EngineConfig
 from server.engine.block_manager import BlockManager
+from server.engine.constrained import GrammarBook
 from server.engine.model_runner import ModelRunner, kv_bytes_per_token
 from server.engine.output import ChoiceOutput, make_logprob
 from server.engine.sampler import Sampler, SamplingTensors
@@ -47,6 +48,18 @@ class Engine:
         self.generators: dict[int, torch.Generator] = {}
         self.forks: dict[int, list[Sequence]] = {}          # n > 1: choices held until choice 0's prompt is cached
         self._seq_ids = itertools.count()
+        self._max_num_seqs = config.max_num_seqs
+        self._grammars: GrammarBook | None = None              # built on the first constrained request
+
+    @property
+    def grammars(self) -> GrammarBook:
+        if self._grammars is None:
+            from server.grammar import GrammarService
+
+            service = GrammarService(self.tokenizer.hf, self.runner.model.config.vocab_size,
+                                     self.tokenizer.eos_token_ids)
+            self._grammars = GrammarBook(service, self._max_num_seqs)
+        return self._grammars
 
     @classmethod
     def from_folder(cls, folder: str, config: EngineConfig, device: torch.device, dtype: torch.dtype) -> "Engine":
@@ -118,6 +131,11 @@ class Engine:
         prompt_ids = self.tokenizer.encode_request(request)
         adm = admit(request, prompt_ids, self.max_model_len, self.tokenizer.vocab_size, self.max_new_tokens)
         max_tokens = self._fit_pool(request, len(prompt_ids), adm.max_tokens)
+        grammar = None
+        if request.constraint is not None:
+            grammar = self.grammars.service.compile(request.constraint)
+            if grammar.done():
+                grammar.result()    # a cached or instantly failed compile: its error is this request's 400
         params, now = request.params, time.monotonic()
         seqs = []
         for index in range(params.n):
@@ -130,7 +148,12 @@ class Engine:
                 self.generators[seq.seq_id] = torch.Generator(self.runner.device).manual_seed(
                     (params.seed + index) % 2**63)
             seqs.append(seq)
-        self.scheduler.add(seqs[0])
+            if grammar is not None:
+                self.grammars.attach(seq, grammar)
+        if grammar is not None and not grammar.done():
+            self.grammars.hold(seqs[0])     # enters the scheduler once its grammar is compiled
+        else:
+            self.scheduler.add(seqs[0])
         if len(seqs) > 1:   # the other choices start once seqs[0]'s prompt blocks are in the prefix cache
             self.forks[seqs[0].seq_id] = seqs[1:]
 
@@ -150,53 +173,100 @@ class Engine:
         events = []
         held = [c for cs in self.forks.values() for c in cs if c.request_id == request_id]
         self.forks = {p: cs for p, cs in self.forks.items() if cs[0].request_id != request_id}
+        if self._grammars is not None:
+            held += self._grammars.abort(request_id)
         for seq in self.scheduler.abort(request_id) + held:
             out = self.outputs.pop(seq.seq_id, None)
             self.generators.pop(seq.seq_id, None)
+            if self._grammars is not None:
+                self._grammars.drop(seq)
             if out is not None:
                 events.append(out.finished(FinishReason.ABORT, seq.num_cached_tokens, seq.queue_time))
         return events
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished() or bool(self.forks)
+        return (self.scheduler.has_unfinished() or bool(self.forks)
+                or (self._grammars is not None and self._grammars.num_held > 0))
 
     @torch.inference_mode()
     def step(self) -> list[tuple[str, Event]]:
+        events = self._admit_compiled() if self._grammars is not None and self._grammars.num_held else []
         out = self.scheduler.schedule()
         if out.is_empty:
-            return []
+            if self._grammars is not None and self._grammars.num_held:
+                self._grammars.wait(timeout=0.02)   # only grammar compiles are pending: do not spin
+            return events
+        if self._grammars is not None:
+            for seq in out.preempted:
+                self._grammars.release(seq)
         logits = self.runner.run(out)
         seqs = [s.seq for s in out.scheduled if needs_sample(s)]
         sampled = self._sample(logits, seqs) if seqs else ([], None)
+        complete = self._advance_grammars(seqs, sampled[0]) if self._grammars is not None else {}
         self.scheduler.update(out, {seq.seq_id: tok for seq, tok in zip(seqs, sampled[0])})
-        events: list[tuple[str, Event]] = []
         for i, seq in enumerate(seqs):
             for child in self.forks.pop(seq.seq_id, ()):
                 self.scheduler.add(child)
-            events += self._emit(seq, sampled[0][i], sampled[1], i)
+            events += self._emit(seq, sampled[0][i], sampled[1], i, complete.get(seq.seq_id, False))
         return events
+
+    def _admit_compiled(self) -> list[tuple[str, Event]]:
+        """Held requests whose grammar is compiled enter the scheduler; a failed compile fails them."""
+        ready, failed = self._grammars.poll()
+        for seq in ready:
+            self.scheduler.add(seq)
+        events: list[tuple[str, Event]] = []
+        for seq, error in failed:
+            children = self.forks.pop(seq.seq_id, [])
+            for choice in [seq] + children:
+                self.outputs.pop(choice.seq_id, None)
+                self.generators.pop(choice.seq_id, None)
+                self._grammars.drop(choice)
+                events.append((choice.request_id, Failed(error, choice.index)))
+        return events
+
+    def _advance_grammars(self, seqs: list[Sequence], token_ids: list[int]) -> dict[int, bool | ProtocolError]:
+        """Advance each constrained choice's matcher by its sampled token: seq_id -> whether its text
+        is complete, or the error that ends it."""
+        complete: dict[int, bool | ProtocolError] = {}
+        for seq, token_id in zip(seqs, token_ids):
+            if self._grammars.is_constrained(seq):
+                try:
+                    complete[seq.seq_id] = self._grammars.accept(seq, token_id)
+                except ProtocolError as err:
+                    log.error("grammar of %s: %s", seq.request_id, err.message)
+                    complete[seq.seq_id] = err
+        return complete
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence]):
         params = [s.params for s in seqs]
         tensors = SamplingTensors.build(params, logits.device)
         penalties = tensors.any_penalties
-        banned = [list(self.outputs[s.seq_id].stop_ids) if s.num_output_tokens < s.params.min_tokens else []
-                  for s in seqs] if any(p.min_tokens for p in params) else None
+        grammar_mask = self._grammars.mask(seqs) if self._grammars is not None else None
+        constrained = set(grammar_mask[0]) if grammar_mask is not None else set()
+        # min_tokens never bans what a grammar requires: a constrained choice ends when its grammar does
+        banned = [list(self.outputs[s.seq_id].stop_ids)
+                  if s.num_output_tokens < s.params.min_tokens and row not in constrained else []
+                  for row, s in enumerate(seqs)] if any(p.min_tokens for p in params) else None
         result = self.sampler.sample(
             logits, tensors,
             [s.output_token_ids for s in seqs] if penalties else [[] for _ in seqs],
             [s.prompt_token_ids for s in seqs] if penalties else [[] for _ in seqs],
-            [self.generators.get(s.seq_id) for s in seqs], banned)
+            [self.generators.get(s.seq_id) for s in seqs], banned, grammar_mask)
         return result.token_ids, result
 
-    def _emit(self, seq: Sequence, token_id: int, result, row: int) -> list[tuple[str, Event]]:
+    def _emit(self, seq: Sequence, token_id: int, result, row: int,
+              complete: bool | ProtocolError = False) -> list[tuple[str, Event]]:
         out = self.outputs[seq.seq_id]
+        if isinstance(complete, ProtocolError):
+            self._drop(seq)
+            return [(seq.request_id, Failed(complete, seq.index))]
         try:
             logprob = None
             if seq.params.logprobs:
                 top = result.top_logprobs[row] if result.top_logprobs else None
                 logprob = make_logprob(self.tokenizer, token_id, result.logprobs[row], top)
-            delta = out.add(token_id, logprob)
+            delta = out.add(token_id, logprob, complete)
         except Exception:  # noqa: BLE001 - a per-request fault fails that request alone
             log.exception("output processing failed for %s", seq.request_id)
             self._drop(seq)
@@ -212,6 +282,8 @@ class Engine:
         self.scheduler.finish(seq)
         self.outputs.pop(seq.seq_id, None)
         self.generators.pop(seq.seq_id, None)
+        if self._grammars is not None:
+            self._grammars.drop(seq)
 
     def snapshot(self) -> EngineStats:
         bm = self.block_manager

@@ -20,15 +20,16 @@ class ChoiceOutput:
         self.num_output_tokens = 0
         self.reason: FinishReason | None = None
 
-    def add(self, token_id: int, logprob: TokenLogprob | None = None) -> TokenDelta:
+    def add(self, token_id: int, logprob: TokenLogprob | None = None, complete: bool = False) -> TokenDelta:
         """Account for one sampled token. The delta always carries the token id; its text may be ""
-        (a character still incomplete, or a possible stop string held back)."""
+        (a character still incomplete, or a possible stop string held back). complete: the text is
+        done after this token (its grammar admits nothing more), so the choice stops here."""
         self.num_output_tokens += 1
-        if token_id in self.stop_ids and self.num_output_tokens > self.params.min_tokens:
+        if token_id in self.stop_ids and (self.num_output_tokens > self.params.min_tokens or complete):
             text, self.reason = "", FinishReason.STOP   # EOS / stop tokens are not part of the text
         else:
             text = self.detok.add(token_id)
-            if self.detok.stopped:
+            if self.detok.stopped or complete:
                 self.reason = FinishReason.STOP
             elif self.num_output_tokens >= self.max_tokens:
                 self.reason = FinishReason.LENGTH

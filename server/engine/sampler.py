@@ -1,12 +1,15 @@
 """Sampler: logits + per-row SamplingParams -> token ids, vectorized over the batch.
 
-Order of operations (vLLM's): raw logprobs -> banned tokens -> penalties -> greedy argmax | temperature
+Order of operations (vLLM's): grammar bitmask -> raw logprobs -> banned tokens -> penalties -> greedy argmax | temperature
 -> top-k / top-p -> min-p -> exponential race. Greedy rows are an exact argmax. A row with its own
 torch.Generator (request seed) draws its noise from it alone, so the same seed gives the same tokens
 whatever the batch mates; other rows share the global RNG.
 
 NOTE: logprobs are those of the RAW model distribution (log_softmax of the logits before penalties,
 temperature and truncation), as vLLM v1 returns by default: they describe the model, not the sampler.
+A constrained row's grammar mask comes first (as in vLLM v1, where the model runner applies it): a
+token the grammar forbids is never sampled, never in top_logprobs, and the logprobs are those of the
+model's distribution over what the grammar allows.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import torch
 
 from kernels import native
 from protocol.types import SamplingParams
+from server.grammar.bitmask import apply_bitmask
 
 _MIN_TEMPERATURE = 1e-5   # below this a row is treated as greedy (logits / T would overflow)
 
@@ -84,10 +88,14 @@ class SampleResult:
 class Sampler:
     def sample(self, logits: torch.Tensor, tensors: SamplingTensors, output_token_ids: list[list[int]],
                prompt_token_ids: list[list[int]], generators: list[torch.Generator | None],
-               banned_token_ids: list[list[int]] | None = None) -> SampleResult:
+               banned_token_ids: list[list[int]] | None = None,
+               grammar_mask: tuple[list[int], torch.Tensor] | None = None) -> SampleResult:
         """logits (B, V). banned_token_ids (optional, per row) are never sampled: the engine passes
-        EOS and stop token ids for rows still below min_tokens."""
+        EOS and stop token ids for rows still below min_tokens. grammar_mask (rows, bitmask): bitmask
+        row i says which tokens row rows[i] may take (server.grammar.bitmask); other rows are free."""
         logits = logits.float()
+        if grammar_mask is not None and grammar_mask[0]:
+            logits = apply_bitmask(logits, *grammar_mask)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if tensors.any_logprobs else None   # (B, V)
         if banned_token_ids is not None and any(banned_token_ids):
             logits = _ban(logits, banned_token_ids)

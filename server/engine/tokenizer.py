@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from protocol.errors import ProtocolError
+from protocol.tools import fallback_messages, template_messages, tool_prompt_tools
 from protocol.types import GenerateRequest
 
 
@@ -23,15 +24,34 @@ class Tokenizer:
         if request.prompt_token_ids is not None:
             return list(request.prompt_token_ids)
         if request.messages is not None:
+            messages, tools = self._chat_messages(request)
             if self.hf.chat_template is None:
-                text = "\n".join(f"{m['role']}: {m['content']}" for m in request.messages) + "\nassistant:"
+                text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
                 return self.hf.encode(text, add_special_tokens=True)
-            ids = self.hf.apply_chat_template(request.messages, tokenize=True,
+            ids = self.hf.apply_chat_template(messages, tools=tools, tokenize=True,
                                               add_generation_prompt=request.add_generation_prompt)
             if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
                 ids = ids["input_ids"]
             return list(ids)
         return self.hf.encode(request.prompt or "", add_special_tokens=True)
+
+
+    def _chat_messages(self, request: GenerateRequest) -> tuple[list[dict], list[dict] | None]:
+        """Messages (and tools) for the chat template. A template that renders tools gets them and the
+        tool-call history as they are; any other gets protocol.tools' documented fallback prompt."""
+        messages = request.messages
+        has_tool_history = any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+        if request.tools is None and not has_tool_history:
+            return messages, None
+        if self.supports_tools:
+            tools = tool_prompt_tools(request.tools) if request.tools else None
+            return template_messages(messages), tools
+        return fallback_messages(messages, request.tools or ()), None
+
+    @property
+    def supports_tools(self) -> bool:
+        template = self.hf.chat_template
+        return isinstance(template, str) and "tools" in template and "tool_calls" in template
 
 
 def _eos_ids(folder: Path, hf) -> set[int]:

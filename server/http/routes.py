@@ -41,9 +41,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     rid, n, created = parsed.request.request_id, parsed.request.params.n, int(time.time())
     events = _submit(request, parsed.request, parsed.request.messages)
     if parsed.stream:
-        renderer = openai.ChatStreamRenderer(rid, model, created, n, parsed.include_usage)
+        renderer = openai.ChatStreamRenderer(rid, model, created, n, parsed.include_usage, parsed.tools)
         return await write_stream(request, events, renderer, SSE)
-    return json_response(await collect(events, openai.ChatCollector(rid, model, created, n), trace_of(request)))
+    return json_response(await collect(events, openai.ChatCollector(rid, model, created, n, parsed.tools),
+                                       trace_of(request)))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:

@@ -126,34 +126,113 @@ def test_render_models():
                                                 "owned_by": "berth", "max_model_len": 8192}]}
 
 
-import pytest as _pytest  # noqa: E402
+USER = [{"role": "user", "content": "hi"}]
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
 
 
-@_pytest.mark.parametrize("field, value", [
-    ("response_format", {"type": "json_object"}),
-    ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}),
-    ("tools", [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]),
-    ("tool_choice", "required"),
-    ("functions", [{"name": "f"}]),
-    ("guided_json", {"type": "object"}),
-    ("guided_choice", ["a", "b"]),
-    ("structured_outputs", {"choice": ["a"]}),
+def test_structured_outputs_become_the_constraint():
+    from protocol.types import Constraint
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
+    parsed = parse_chat_request({"messages": USER, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}, "r")
+    assert parsed.request.constraint == Constraint("json", schema) and parsed.tools is None
+    assert parsed.request.tools is None
+    parsed = parse_chat_request({"messages": USER, "guided_choice": ["a", "b"]}, "r")
+    assert parsed.request.constraint == Constraint("choice", ("a", "b"))
+    parsed = parse_completion_request({"prompt": "hi", "response_format": {"type": "json_object"}}, "r")
+    assert parsed.request.constraint == Constraint("json", {"type": "object"})
+    parsed = parse_completion_request({"prompt": "hi", "structured_outputs": {"regex": "[0-9]+"}}, "r")
+    assert parsed.request.constraint == Constraint("regex", "[0-9]+")
+    assert parse_chat_request({"messages": USER, "response_format": {"type": "text"}}, "r").request.constraint is None
+
+
+def test_tools_auto_required_named_none():
+    from protocol.types import Constraint
+
+    parsed = parse_chat_request({"messages": USER, "tools": [WEATHER]}, "r")
+    assert parsed.tools.choice == "auto" and parsed.request.constraint is None
+    assert parsed.request.tools == parsed.tools.tools and parsed.request.tools[0].name == "get_weather"
+    strict = {"type": "function", "function": {**WEATHER["function"], "strict": True}}
+    parsed = parse_chat_request({"messages": USER, "tools": [strict]}, "r")
+    assert parsed.request.constraint == Constraint("tools", parsed.tools)
+    parsed = parse_chat_request({"messages": USER, "tools": [WEATHER], "tool_choice": "required"}, "r")
+    assert parsed.request.constraint == Constraint("tools", parsed.tools) and parsed.tools.choice == "required"
+    parsed = parse_chat_request({"messages": USER, "tools": [WEATHER], "tool_choice": {
+        "type": "function", "function": {"name": "get_weather"}}}, "r")
+    assert (parsed.tools.choice, parsed.tools.name) == ("named", "get_weather")
+    assert parsed.request.constraint.kind == "tools"
+    parsed = parse_chat_request({"messages": USER, "tools": [WEATHER], "tool_choice": "none", "n": 2}, "r")
+    assert parsed.tools is None and parsed.request.tools is None and parsed.request.constraint is None
+    parsed = parse_chat_request({"messages": USER, "tools": [WEATHER], "response_format": {"type": "json_object"}}, "r")
+    assert parsed.request.constraint.kind == "json" and parsed.tools.choice == "auto"
+
+
+def test_tool_messages_are_kept():
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "tool_calls": [{"id": "call_1", "type": "function", "extra": 1,
+                                              "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "content": [{"type": "text", "text": "18C"}], "tool_call_id": "call_1", "name": "get_weather"},
+        {"role": "tool", "content": "ok", "tool_call_id": "call_2"},
+        {"role": "assistant", "content": "Warm.", "tool_calls": []},
+    ]
+    parsed = parse_chat_request({"messages": messages, "tools": [WEATHER]}, "r")
+    assert parsed.request.messages == [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "content": "18C", "tool_call_id": "call_1", "name": "get_weather"},
+        {"role": "tool", "content": "ok", "tool_call_id": "call_2"},
+        {"role": "assistant", "content": "Warm."},
+    ]
+
+
+@pytest.mark.parametrize("message", [
+    {"role": "assistant", "tool_calls": "x"},
+    {"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+    {"role": "assistant", "tool_calls": [{"id": "c", "type": "x", "function": {"name": "f", "arguments": "{}"}}]},
+    {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f"}}]},
+    {"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": {}}}]},
+    {"role": "assistant", "tool_calls": [{"id": "c", "type": "function"}]},
+    {"role": "assistant", "tool_calls": ["c"]},
+    {"role": "tool", "content": "x"},
+    {"role": "tool", "content": "x", "tool_call_id": 3},
+    {"role": "tool", "content": "x", "tool_call_id": "c", "name": 3},
+    {"role": "tool", "tool_call_id": "c"},
 ])
-def test_fields_berth_cannot_honour_yet_get_a_400_naming_them(field, value):
-    from protocol.errors import ProtocolError
-    from protocol.openai import parse_chat_request
+def test_bad_tool_messages(message):
+    err = error_of(parse_chat_request, {"messages": [{"role": "user", "content": "hi"}, message]})
+    assert err.status == 400 and err.param == "messages"
 
-    body = {"messages": [{"role": "user", "content": "hi"}], field: value}
-    with _pytest.raises(ProtocolError) as err:
-        parse_chat_request(body, "r")
-    assert err.value.status == 400 and err.value.param == field and field in str(err.value)
+
+@pytest.mark.parametrize("body,param", [
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_object"}, "guided_json": {"type": "object"}}, "guided_json"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "tools"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [WEATHER], "n": 2}, "n"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"function_call": "auto"}, "function_call"),
+    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True}}], "guided_regex": "a"}, "tools"),
+])
+def test_bad_structured_and_tool_fields(body, param):
+    err = error_of(parse_chat_request, {"messages": USER, **body})
+    assert err.status == 400 and err.param == param and param in err.message
+
+
+def test_completions_take_constraints_but_not_tools():
+    err = error_of(parse_completion_request, {"prompt": "hi", "tools": [WEATHER]})
+    assert err.param == "tools" and "chat" in err.message
+    err = error_of(parse_completion_request, {"prompt": "hi", "guided_choice": "a"})
+    assert err.param == "guided_choice"
+    assert parse_completion_request({"prompt": "hi", "tools": []}, "r").request.constraint is None
 
 
 def test_harmless_values_of_those_fields_are_accepted():
-    from protocol.openai import parse_chat_request, parse_completion_request
-
-    parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "text"},
-                        "tools": [], "tool_choice": "none"}, "r")
-    from protocol.errors import ProtocolError
-    with _pytest.raises(ProtocolError, match="response_format"):
-        parse_completion_request({"prompt": "hi", "response_format": {"type": "json_object"}}, "r")
+    parsed = parse_chat_request({"messages": USER, "response_format": {"type": "text"}, "tools": [],
+                                 "tool_choice": "none"}, "r")
+    assert parsed.tools is None and parsed.request.constraint is None and parsed.request.tools is None

@@ -164,3 +164,105 @@ def test_completion_collector_and_failure():
 def test_event_index_out_of_range_is_a_bug():
     with pytest.raises(ValueError):
         ChatStreamRenderer("rid", "m", 1, 1, False).on_event(TokenDelta("a", (1,), index=1))
+
+
+# --- tools -------------------------------------------------------------------------------------
+
+from protocol.types import ToolFunction, ToolSpec  # noqa: E402
+
+SPEC = ToolSpec((ToolFunction("get_weather", "Weather", {"type": "object", "properties": {"city": {"type": "string"}}}),))
+TOOL_TEXT = ('I will check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n'
+             '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')
+
+
+def token_events(text, size=5, reason=FinishReason.STOP, index=0):
+    pieces = [text[i:i + size] for i in range(0, len(text), size)]
+    return ([TokenDelta(p, (i,), index=index, num_prompt_tokens=9 if i == 0 else None) for i, p in enumerate(pieces)]
+            + [Finished(reason, Usage(9, len(pieces)), index=index)])
+
+
+def test_chat_collector_tool_calls():
+    collector = ChatCollector("rid", "m", 9, 1, tools=SPEC)
+    for ev in token_events(TOOL_TEXT):
+        collector.feed(ev)
+    choice = collector.body()["choices"][0]
+    assert choice["finish_reason"] == "tool_calls"
+    message = choice["message"]
+    assert message["role"] == "assistant" and message["content"] == "I will check."
+    calls = message["tool_calls"]
+    assert [(c["type"], c["function"]["name"], c["function"]["arguments"]) for c in calls] == [
+        ("function", "get_weather", '{"city": "Paris"}'), ("function", "get_weather", '{"city": "Oslo"}')]
+    assert all(c["id"].startswith("call_") for c in calls) and calls[0]["id"] != calls[1]["id"]
+
+
+@pytest.mark.parametrize("text,reason,content,finish", [
+    ('<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>', FinishReason.STOP, None, "tool_calls"),
+    ('<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>', FinishReason.LENGTH, None, "length"),
+    ("Just text.", FinishReason.STOP, "Just text.", "stop"),
+    ("", FinishReason.STOP, "", "stop"),
+])
+def test_chat_collector_tools_content_and_reason(text, reason, content, finish):
+    collector = ChatCollector("rid", "m", 9, 1, tools=SPEC)
+    for ev in token_events(text, reason=reason):
+        collector.feed(ev)
+    choice = collector.body()["choices"][0]
+    assert choice["message"]["content"] == content and choice["finish_reason"] == finish
+    assert ("tool_calls" in choice["message"]) == (finish != "stop")
+
+
+def test_chat_stream_tool_calls_shape():
+    chunks = run(ChatStreamRenderer("rid", "m", 1, 1, False, tools=SPEC), token_events(TOOL_TEXT, size=3))
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert deltas[0] == {"role": "assistant", "content": ""}
+    content = "".join(d.get("content", "") for d in deltas)
+    assert content == "I will check."
+    tool_deltas = [d["tool_calls"] for d in deltas if "tool_calls" in d]
+    assert all(len(t) == 1 for t in tool_deltas)
+    starts = [t[0] for t in tool_deltas if "id" in t[0]]
+    assert [(s["index"], s["type"], s["function"]) for s in starts] == [
+        (0, "function", {"name": "get_weather", "arguments": ""}), (1, "function", {"name": "get_weather", "arguments": ""})]
+    for t in tool_deltas:
+        if "id" not in t[0]:
+            assert set(t[0]) == {"index", "function"} and list(t[0]["function"]) == ["arguments"]
+    args = ["".join(t[0]["function"]["arguments"] for t in tool_deltas if t[0]["index"] == k) for k in (0, 1)]
+    assert args == ['{"city": "Paris"}', '{"city": "Oslo"}']
+    assert len(tool_deltas) > 4                                # arguments stream in pieces
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls" and deltas[-1] == {}
+
+
+def test_chat_stream_tool_calls_with_the_openai_sdk():
+    pytest.importorskip("openai")
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    chunks = run(ChatStreamRenderer("rid", "m", 1, 1, True, tools=SPEC), token_events(TOOL_TEXT, size=4))
+    state = ChatCompletionStreamState()
+    for chunk in chunks:
+        state.handle_chunk(ChatCompletionChunk.model_validate(chunk))
+    choice = state.get_final_completion().choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content == "I will check."
+    assert [(c.function.name, orjson.loads(c.function.arguments)) for c in choice.message.tool_calls] == [
+        ("get_weather", {"city": "Paris"}), ("get_weather", {"city": "Oslo"})]
+    assert all(c.id.startswith("call_") and c.type == "function" for c in choice.message.tool_calls)
+
+
+def test_chat_stream_with_tools_but_plain_text():
+    text = "Hello <b>world</b>\n"
+    chunks = run(ChatStreamRenderer("rid", "m", 1, 1, False, tools=SPEC), token_events(text, size=2))
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == text
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    assert not any("tool_calls" in c["choices"][0]["delta"] for c in chunks)
+
+
+def test_chat_stream_tools_logprobs_ride_on_content():
+    lp = lambda t, i: (TokenLogprob(t, -0.5, i),)  # noqa: E731
+    events = [TokenDelta("Hi", (1,), logprobs=lp("Hi", 1)), TokenDelta(" <tool", (2,), logprobs=lp(" <tool", 2)),
+              TokenDelta("bar>", (3,), logprobs=lp("bar>", 3)),
+              TokenDelta('<tool_call>{"name": "get_weather", "arguments": {}}</tool_call>', (4,), logprobs=lp("x", 4)),
+              Finished(FinishReason.STOP, Usage(1, 4))]
+    chunks = run(ChatStreamRenderer("rid", "m", 1, 1, False, tools=SPEC), events)
+    content = [c["choices"][0] for c in chunks if c["choices"][0]["delta"].get("content")]
+    assert [c["delta"]["content"] for c in content] == ["Hi", " <toolbar>"]
+    assert [[t["token"] for t in c["logprobs"]["content"]] for c in content] == [["Hi"], [" <tool", "bar>"]]
+    tool = [c["choices"][0] for c in chunks if "tool_calls" in c["choices"][0]["delta"]]
+    assert tool and all(c["logprobs"] is None for c in tool)

@@ -152,10 +152,10 @@ async def test_per_request_fault_fails_only_that_request(build, served_engine, m
 
     real_add = output.ChoiceOutput.add
 
-    def faulty_add(self, token_id, logprob=None):
+    def faulty_add(self, token_id, logprob=None, complete=False):
         if self.params.seed == 4242 and self.num_output_tokens >= 1:   # fails on its 2nd token
             raise RuntimeError("injected detokenizer fault")
-        return real_add(self, token_id, logprob)
+        return real_add(self, token_id, logprob, complete)
     monkeypatch.setattr(output.ChoiceOutput, "add", faulty_add)
     client, engine = await build()
     body = {"prompt": "Once upon a time", "max_tokens": 4, "ignore_eos": True}
