@@ -49,6 +49,7 @@ class RequestResult:
     text: str = ""
     round_index: int | None = None
     start_time: float = 0.0           # time.perf_counter() at the send
+    tag: str = "free"                 # "constrained" when the request carried a StructuredSpec
 
     def add_text(self, delta: str, now: float) -> None:
         if not delta:
@@ -89,6 +90,31 @@ class Target:
 
 
 History = list[tuple[str, str]]   # earlier (question, answer) rounds of the same conversation
+
+CONSTRAINED, FREE = "constrained", "free"
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredSpec:
+    """A constraint the bench puts on a request: a JSON schema (response_format json_schema on
+    chat, EAS and WebSocket; structured_outputs.json on completions) or an OpenAI tools list sent
+    with tool_choice "required" (chat only)."""
+    schema: dict | None = None
+    tools: list | None = None
+    name: str = "bench"
+
+    def fields(self, method: str) -> dict:
+        """The body fields for one calling method; ValueError for tools off the chat route."""
+        if self.tools is not None:
+            if method != "chat":
+                raise ValueError(f"tools are only sent on the chat method, not {method!r}")
+            return {"tools": self.tools, "tool_choice": "required"}
+        if self.schema is None:
+            return {}
+        if method == "completions":
+            return {"structured_outputs": {"json": self.schema}}
+        return {"response_format": {"type": "json_schema",
+                                    "json_schema": {"name": self.name, "schema": self.schema}}}
 
 
 def _finish(result: RequestResult, target: Target, prompt_text: str, usage: dict | None) -> None:
@@ -187,8 +213,18 @@ def _sampling(target: Target, output_len: int, max_field: str = "max_tokens") ->
     return body
 
 
+def chat_delta_text(choice: dict) -> str:
+    """The text a chat chunk's choice carries: delta.content plus the function.arguments fragments
+    of delta.tool_calls (a tool-call answer streams its text there, content stays empty)."""
+    delta = choice.get("delta") or {}
+    text = delta.get("content") or ""
+    for call in delta.get("tool_calls") or ():
+        text += (call.get("function") or {}).get("arguments") or ""
+    return text
+
+
 async def openai_chat(http: aiohttp.ClientSession, target: Target, prompt: str, output_len: int,
-                      history: History = ()) -> RequestResult:
+                      history: History = (), constraint: StructuredSpec | None = None) -> RequestResult:
     """POST /v1/chat/completions, SSE, usage requested; history becomes earlier messages."""
     messages = []
     for question, answer in history:
@@ -196,32 +232,38 @@ async def openai_chat(http: aiohttp.ClientSession, target: Target, prompt: str, 
     messages.append({"role": "user", "content": prompt})
     body = _sampling(target, output_len) | {
         "messages": messages, "stream": True, "stream_options": {"include_usage": True}}
+    if constraint is not None:
+        body |= constraint.fields("chat")
     text = "\n".join(m["content"] for m in messages)
-    return await _stream_openai(http, target, "/v1/chat/completions", body, text,
-                                lambda choice: (choice.get("delta") or {}).get("content"))
+    return await _stream_openai(http, target, "/v1/chat/completions", body, text, chat_delta_text)
 
 
 async def openai_completions(http: aiohttp.ClientSession, target: Target, prompt: str, output_len: int,
-                             history: History = ()) -> RequestResult:
+                             history: History = (), constraint: StructuredSpec | None = None) -> RequestResult:
     """POST /v1/completions, SSE. Works for OpenAI chunks (usage in a last chunk) and BladeLLM
     chunks (cumulative usage on every chunk, error_info on failure): the last usage seen wins."""
     text = "".join(f"{q}\n{a}\n" for q, a in history) + prompt
     body = _sampling(target, output_len) | {
         "prompt": text, "stream": True, "stream_options": {"include_usage": True}}
+    if constraint is not None:
+        body |= constraint.fields("completions")
     return await _stream_openai(http, target, "/v1/completions", body, text,
                                 lambda choice: choice.get("text"))
 
 
-def _eas_body(target: Target, prompt: str, output_len: int, history: History) -> dict:
+def _eas_body(target: Target, prompt: str, output_len: int, history: History,
+              constraint: StructuredSpec | None = None, method: str = "eas") -> dict:
     body = {"prompt": prompt, "history": [list(pair) for pair in history], "max_new_tokens": output_len,
             "use_stream_chat": True, "temperature": 0, "do_sample": False}
     if target.ignore_eos:
         body["ignore_eos"] = True
+    if constraint is not None:
+        body |= constraint.fields(method)
     return body
 
 
 async def eas_http(http: aiohttp.ClientSession, target: Target, prompt: str, output_len: int,
-                   history: History = ()) -> RequestResult:
+                   history: History = (), constraint: StructuredSpec | None = None) -> RequestResult:
     """POST / (EAS structured request) with use_stream_chat: NUL-delimited cumulative
     {"response", "history"} frames; each frame's new suffix is the delta."""
     result = RequestResult(start_time=time.perf_counter())
@@ -230,7 +272,7 @@ async def eas_http(http: aiohttp.ClientSession, target: Target, prompt: str, out
     async def run() -> None:
         decoder, num_frames = NulDecoder(), 0
         timeout = aiohttp.ClientTimeout(total=target.timeout_s)
-        async with http.post(target.url("/"), json=_eas_body(target, prompt, output_len, history),
+        async with http.post(target.url("/"), json=_eas_body(target, prompt, output_len, history, constraint),
                              headers=target.headers(), timeout=timeout) as resp:
             if not await _check_status(resp, result):
                 return
@@ -276,9 +318,10 @@ async def _ws_round(ws: aiohttp.ClientWebSocketResponse, target: Target, result:
 
 
 async def websocket_session(http: aiohttp.ClientSession, target: Target, prompts: list[str],
-                            output_len: int) -> list[RequestResult]:
+                            output_len: int, constraint: StructuredSpec | None = None) -> list[RequestResult]:
     """One WebSocket connection to /ws, one round per prompt, the next sent after <EOS>; one
-    RequestResult per round (round_index set). After a failed round the rest fail the same way."""
+    RequestResult per round (round_index set). After a failed round the rest fail the same way.
+    A constraint rides on every round's message (response_format applies to that round only)."""
     results: list[RequestResult] = []
     history: list[tuple[str, str]] = []
     if not prompts:
@@ -290,7 +333,7 @@ async def websocket_session(http: aiohttp.ClientSession, target: Target, prompts
             for index, prompt in enumerate(prompts):
                 result = RequestResult(round_index=index, start_time=time.perf_counter())
                 results.append(result)
-                message = _eas_body(target, prompt, output_len, []) | {"use_stream_chat": True}
+                message = _eas_body(target, prompt, output_len, [], constraint, "ws") | {"use_stream_chat": True}
                 message.pop("history")
                 await _guard(result, lambda: _ws_round(ws, target, result, message))
                 if result.error_kind is not None:

@@ -7,12 +7,14 @@ multi-turn chat workload, whose follow-ups are short so that a prefix cache show
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
-from bench.clients import RequestResult
+from bench.clients import RequestResult, StructuredSpec
 
 DEFAULT_TOKENIZER_DIR = Path.home() / ".cache" / "berth" / "models" / "SmolLM2-135M-Instruct"
 
@@ -50,6 +52,28 @@ class Turn:
 @dataclass(slots=True)
 class Conversation:
     turns: list[Turn]
+    constraint: StructuredSpec | None = None    # sent on every round; None: free text
+
+    @property
+    def tag(self) -> str:
+        return "free" if self.constraint is None else "constrained"
+
+
+def constrained_flags(num: int, fraction: float) -> list[bool]:
+    """Which of num conversations carry the constraint: the first ceil(k * fraction) of every k
+    are constrained, spread evenly by index (0.5: constrained, free, constrained, ...; 1: all;
+    0: none), so free and constrained requests interleave at every load shape."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    f = Fraction(fraction).limit_denominator(1_000_000)
+    return [math.ceil((i + 1) * f) > math.ceil(i * f) for i in range(num)]
+
+
+def with_constraint(conversations: list[Conversation], constraint: StructuredSpec | None,
+                    fraction: float = 1.0) -> list[Conversation]:
+    """New conversations (same turns) where `fraction` of them, by index, carry constraint."""
+    flags = constrained_flags(len(conversations), fraction if constraint is not None else 0.0)
+    return [Conversation(c.turns, constraint if flag else None) for c, flag in zip(conversations, flags)]
 
 
 class TokenCounter:
