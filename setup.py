@@ -21,6 +21,8 @@ setup(
         "prometheus_client",
         "ninja",  # builds kernels/csrc (torch.utils.cpp_extension)
         "llguidance>=1.0",  # structured outputs (server/grammar): no dependencies, lazy grammars
+        "pypdf>=5",  # knowledge base PDF text (server/knowledge): pure Python
+        "psycopg[binary]>=3.1",  # knowledge base on PostgreSQL (server/knowledge), shared by replicas
     ],
     extras_require={
         "test": ["pytest", "pytest-aiohttp", "pytest-timeout", "hypothesis", "requests", "websocket-client",

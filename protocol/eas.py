@@ -147,7 +147,7 @@ class EasStreamRenderer:
     empty deltas give no frame; on_end gives a frame only if none was sent (an empty answer still
     gets one); an error is one {"error": {...}} frame and nothing after it."""
 
-    def __init__(self, prompt: str, history: list) -> None:
+    def __init__(self, prompt: str, history: list, sources: list[dict] | None = None) -> None:
         self._answer = ""
         self._num_frames = 0
         self.is_done = False
@@ -155,6 +155,8 @@ class EasStreamRenderer:
         # part once, so a frame costs two encodings of the answer, not of the whole history.
         prefix = orjson.dumps(history)[:-1] + (b"," if history else b"")
         self._middle = b',"history":' + prefix + b"[" + orjson.dumps(prompt) + b","
+        # knowledge-base answers (langchain): every frame also carries "sources" (an extra key)
+        self._end = b"]]" + (b',"sources":' + orjson.dumps(sources) if sources is not None else b"") + b"}\0"
 
     def on_event(self, ev: Event) -> list[bytes]:
         if self.is_done:
@@ -186,16 +188,17 @@ class EasStreamRenderer:
     def _frame(self) -> bytes:
         self._num_frames += 1
         answer = orjson.dumps(self._answer)
-        return b'{"response":' + answer + self._middle + answer + b"]]}\0"
+        return b'{"response":' + answer + self._middle + answer + self._end
 
 
 class EasCollector:
     """Non-stream body {"response", "history"}; feed() raises a Failed event's ProtocolError."""
 
-    def __init__(self, prompt: str, history: list) -> None:
+    def __init__(self, prompt: str, history: list, sources: list[dict] | None = None) -> None:
         self._prompt = prompt
         self._history = history
         self._parts: list[str] = []
+        self._sources = sources
 
     def feed(self, ev: Event) -> None:
         match ev:
@@ -206,4 +209,7 @@ class EasCollector:
 
     def body(self) -> dict:
         answer = "".join(self._parts)
-        return {"response": answer, "history": [*self._history, [self._prompt, answer]]}
+        body = {"response": answer, "history": [*self._history, [self._prompt, answer]]}
+        if self._sources is not None:
+            body["sources"] = self._sources     # knowledge-base answers (langchain): what was retrieved
+        return body

@@ -41,6 +41,7 @@ class ParsedRequest:
     include_usage: bool
     flavour: str               # "openai" | "bladellm"
     tools: ToolSpec | None = None   # chat: calls are parsed out of the text (None: no tools / tool_choice none)
+    knowledge_top_k: int | None = None   # chat extension "knowledge": answer from the knowledge base's top-k chunks
 
 
 def parse_chat_request(body: object, request_id: str) -> ParsedRequest:
@@ -60,7 +61,7 @@ def parse_chat_request(body: object, request_id: str) -> ParsedRequest:
                                                             body.get("add_generation_prompt", True)),
                               constraint=constraint, tools=spec.tools if spec is not None else None)
     stream = as_bool("stream", _or(body.get("stream"), False))
-    return ParsedRequest(request, stream, _model(body), _include_usage(body), "openai", spec)
+    return ParsedRequest(request, stream, _model(body), _include_usage(body), "openai", spec, _knowledge(body))
 
 
 def parse_completion_request(body: object, request_id: str) -> ParsedRequest:
@@ -108,6 +109,25 @@ def _model(body: dict) -> str | None:
     if model is not None and not isinstance(model, str):
         raise bad_field("model", "must be a string")
     return model
+
+
+DEFAULT_KNOWLEDGE_TOP_K = 3
+MAX_KNOWLEDGE_TOP_K = 20
+
+
+def _knowledge(body: dict) -> int | None:
+    """berth's extension `"knowledge": true | {"top_k": K}`: the number of chunks to retrieve, or None."""
+    value = body.get("knowledge")
+    if value is None or value is False:
+        return None
+    if value is True:
+        return DEFAULT_KNOWLEDGE_TOP_K
+    if not isinstance(value, dict) or set(value) - {"top_k"}:
+        raise bad_field("knowledge", f'must be true or {{"top_k": <1-{MAX_KNOWLEDGE_TOP_K}>}}')
+    top_k = as_int("knowledge.top_k", _or(value.get("top_k"), DEFAULT_KNOWLEDGE_TOP_K))
+    if not 1 <= top_k <= MAX_KNOWLEDGE_TOP_K:
+        raise bad_field("knowledge", f"top_k must be between 1 and {MAX_KNOWLEDGE_TOP_K}")
+    return top_k
 
 
 def _include_usage(body: dict) -> bool:

@@ -49,6 +49,7 @@ class _Collector:
 class ChatCollector(_Collector):
     def __init__(self, request_id: str, model: str, created: int, n: int, tools: ToolSpec | None = None) -> None:
         super().__init__(n)
+        self.sources: list[dict] | None = None
         self._base = {"id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": created,
                       "model": model}
         self._tool_names = [t.name for t in tools.tools] if tools is not None else None
@@ -72,7 +73,10 @@ class ChatCollector(_Collector):
             logprobs = chat_logprobs(tuple(lp for part in parts for lp in part)) if parts is not None else None
             message, reason = self._choice(i)
             choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": reason})
-        return {**self._base, "choices": choices, "usage": self.usage.to_dict()}
+        body = {**self._base, "choices": choices, "usage": self.usage.to_dict()}
+        if self.sources is not None:
+            body["sources"] = self.sources     # knowledge-base answers: what was retrieved (an extra field)
+        return body
 
 
 class CompletionCollector(_Collector):

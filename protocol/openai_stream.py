@@ -82,11 +82,15 @@ class ChatStreamRenderer(_SseRenderer):
         names = [t.name for t in tools.tools] if tools is not None else None
         self._parsers = [ToolCallParser(names) for _ in range(n)] if names is not None else None
         self._held_logprobs: list[list[TokenLogprob]] = [[] for _ in range(n)]
+        # knowledge-base answers: the retrieved sources ride on the stream's first chunk (an extra field)
+        self.sources: list[dict] | None = None
 
     def _chunk(self, choice: dict) -> bytes:
         chunk = {**self._base, "choices": [choice]}
         if self._include_usage:
             chunk["usage"] = None
+        if self.sources is not None:
+            chunk["sources"], self.sources = self.sources, None
         return encode_event(chunk)
 
     def _role(self, index: int) -> list[bytes]:

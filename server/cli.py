@@ -57,6 +57,12 @@ def serve_parser(sub) -> None:
                         "to a loopback address (refuses DNS rebinding), any Host otherwise")
     p.add_argument("--ws-idle-timeout", type=float, default=600.0,
                    help="seconds a WebSocket session may sit idle (no frame, no round) before it is closed")
+    p.add_argument("--knowledge", default=None, metavar="DIR",
+                   help="index every document in DIR at start (txt, md, html, pdf, json, jsonl) into the knowledge "
+                        "base that langchain: true requests answer from")
+    p.add_argument("--knowledge-db", default=None, metavar="URL",
+                   help="the knowledge base's store: a SQLite file (default $BERTH_CACHE/knowledge.sqlite3) or "
+                        "postgresql://... shared by several replicas; enables the knowledge base on its own")
     p.add_argument("--log-level", default="info")
 
 
@@ -87,8 +93,38 @@ def serve(args) -> int:
               f"{str(exc).splitlines()[0][:300] if str(exc) else ''}", file=sys.stderr)
         return 2
     name = args.served_model_name or model_name(args.model, folder)
+    try:
+        knowledge = _open_knowledge(args, engine)
+    except Exception as exc:  # noqa: BLE001 - one clear line, no traceback
+        print(f"berth: error: knowledge base: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}",
+              file=sys.stderr)
+        return 2
     _announce(args, name, engine, time.monotonic() - started)
-    return _run(args, engine, name)
+    return _run(args, engine, name, knowledge)
+
+
+def _open_knowledge(args, engine):
+    """The knowledge base when --knowledge or --knowledge-db asks for one; DIR is indexed now."""
+    if args.knowledge is None and args.knowledge_db is None:
+        return None
+    from pathlib import Path
+
+    from server.knowledge import KnowledgeBase
+    from server.model_store import cache_dir
+
+    if args.knowledge is not None and not Path(args.knowledge).is_dir():
+        raise NotADirectoryError(f"--knowledge {args.knowledge}: not a directory")
+    hf = getattr(getattr(engine.engine, "tokenizer", None), "hf", None)
+    count = (lambda text: len(hf.encode(text, add_special_tokens=False))) if hf is not None else None
+    kb = KnowledgeBase.open(args.knowledge_db, cache_dir(), count_tokens=count)
+    if args.knowledge is not None:
+        started = time.monotonic()
+        added, errors = kb.index_dir(Path(args.knowledge))
+        for file, error in errors:
+            print(f"berth: knowledge: skipped {file}: {error}", file=sys.stderr, flush=True)
+        print(f"berth: knowledge: indexed {len(added)} documents from {args.knowledge} in "
+              f"{time.monotonic() - started:.1f} s ({kb.num_chunks} chunks in the knowledge base)", flush=True)
+    return kb
 
 
 def _load_engine(config: EngineConfig, folder: str):
@@ -114,7 +150,7 @@ def _announce(args, name: str, engine, seconds: float) -> None:
     print(f"  WebUI: {url}/", flush=True)
 
 
-def _run(args, engine, name: str) -> int:
+def _run(args, engine, name: str, knowledge=None) -> int:
     from server.http.app import make_app
     from server.http.keys import ServerOptions
     from server.http.limits import parse_allowed_hosts
@@ -133,7 +169,7 @@ def _run(args, engine, name: str) -> int:
                             stall_timeout=args.stall_timeout, drain_timeout=args.drain_timeout,
                             max_connections=args.max_connections, ws_idle_timeout=args.ws_idle_timeout,
                             allowed_hosts=parse_allowed_hosts(args.allowed_hosts, args.host))
-    app = make_app(engine, [name], token=args.token, options=options)
+    app = make_app(engine, [name], token=args.token, options=options, knowledge=knowledge)
     return asyncio.run(serve_app(app, args.host, args.port))
 
 
@@ -143,6 +179,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser(sub)
     sub.add_parser("bench", help="latency benchmark of a running server (see bench/README.md)",
                    add_help=False)
+    from server import kb_cli
+
+    kb_cli.add_parser(sub)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         from bench.serving import main as bench_main
@@ -150,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         return bench_main(rest) or 0
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "kb":
+        from server import kb_cli
+
+        return kb_cli.main(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(args)
 

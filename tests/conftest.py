@@ -126,8 +126,14 @@ class LiveServer:
         return out
 
 
+KNOWLEDGE_DIR = ROOT / "tests" / "data" / "knowledge"
+
+
 @pytest.fixture(scope="session")
-def live_server():
-    server = LiveServer("--token", "test-token", "--max-new-tokens", "48").wait_ready()
+def live_server(tmp_path_factory):
+    """berth serve with a token, a 48-token cap and a knowledge base of tests/data/knowledge (private db)."""
+    db = tmp_path_factory.mktemp("live-kb") / "knowledge.sqlite3"
+    server = LiveServer("--token", "test-token", "--max-new-tokens", "48", "--knowledge", str(KNOWLEDGE_DIR),
+                        "--knowledge-db", str(db)).wait_ready()
     yield server
     server.stop()

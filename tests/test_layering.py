@@ -16,6 +16,7 @@ LAYERS = {
     "kernels": (False, ["aiohttp"]),            # torch itself loads asyncio
     "server.engine": (True, ["aiohttp"]),
     "server.grammar": (True, ["aiohttp"]),
+    "server.knowledge": (True, ["aiohttp", "torch", "transformers"]),
 }
 
 PROBE = r"""

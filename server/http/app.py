@@ -16,7 +16,8 @@ MAX_BODY_BYTES = 2 * 1024 * 1024
 
 
 def make_app(engine: AsyncEngine, served_names: list[str], token: str | None = None,
-             max_body: int = MAX_BODY_BYTES, options: keys.ServerOptions | None = None) -> web.Application:
+             max_body: int = MAX_BODY_BYTES, options: keys.ServerOptions | None = None,
+             knowledge=None) -> web.Application:
     """Middlewares, outermost first: access log + metrics (sees the final status), JSON errors,
     auth (401 before anything else is revealed), then drain / Origin / page headers."""
     options = options or keys.ServerOptions()
@@ -25,7 +26,7 @@ def make_app(engine: AsyncEngine, served_names: list[str], token: str | None = N
         access_middleware, error_middleware, auth_middleware(checker, options.metrics_public),
         guard_middleware(checker.enabled)])
     app[keys.STATE] = keys.ServerState(engine=engine, served_names=served_names, max_body=max_body,
-                                       options=options, metrics=Metrics(engine))
+                                       options=options, metrics=Metrics(engine), knowledge=knowledge)
     app.cleanup_ctx.append(_engine_lifetime)
     add_routes(app)
     return app

@@ -36,6 +36,8 @@ class ServerState:
     options: ServerOptions = field(default_factory=ServerOptions)
     metrics: object = None               # server.http.metrics.Metrics (set by make_app)
     sessions: set = field(default_factory=set)   # open WebSocket sessions (closed 1001 on drain)
+    knowledge: object = None             # server.knowledge.KnowledgeBase, or None (no --knowledge)
+    uploads: dict = field(default_factory=dict)  # task id -> server.http.knowledge_api.UploadTask
 
 
 STATE = web.AppKey("state", ServerState)

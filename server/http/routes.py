@@ -9,7 +9,7 @@ from aiohttp import hdrs, web
 
 from protocol import eas, openai
 from protocol.errors import ProtocolError
-from server.http import keys
+from server.http import keys, rag
 from server.http.body import read_bytes, read_openai_json
 from server.http.streaming import collect, trace_of, write_stream
 from server.http.ws import websocket_session
@@ -39,12 +39,37 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     parsed = openai.parse_chat_request(await read_openai_json(request), trace_of(request).request_id)
     model = openai.check_model(parsed.model, state.served_names)
     rid, n, created = parsed.request.request_id, parsed.request.params.n, int(time.time())
+    sources = await _chat_knowledge(state, parsed) if parsed.knowledge_top_k else None
     events = _submit(request, parsed.request, parsed.request.messages)
     if parsed.stream:
         renderer = openai.ChatStreamRenderer(rid, model, created, n, parsed.include_usage, parsed.tools)
+        renderer.sources = sources
         return await write_stream(request, events, renderer, SSE)
-    return json_response(await collect(events, openai.ChatCollector(rid, model, created, n, parsed.tools),
-                                       trace_of(request)))
+    collector = openai.ChatCollector(rid, model, created, n, parsed.tools)
+    collector.sources = sources
+    return json_response(await collect(events, collector, trace_of(request)))
+
+
+async def _chat_knowledge(state: keys.ServerState, parsed) -> list[dict]:
+    """`"knowledge"` on chat: the last user message is the question, earlier user/assistant turns the history."""
+    if parsed.tools is not None or parsed.request.tools:
+        raise ProtocolError("knowledge cannot be combined with tools", status=400, param="knowledge")
+    messages = parsed.request.messages
+    if messages[-1]["role"] != "user":
+        raise ProtocolError("knowledge: the last message must be the user's question", status=400,
+                            param="knowledge")
+    system = next((m["content"] for m in messages if m["role"] == "system"), None)
+    history, question = [], None
+    for m in messages[:-1]:
+        if m["role"] == "user":
+            question = m["content"]
+        elif m["role"] == "assistant" and question is not None:
+            history.append((question, m["content"]))
+            question = None
+    hits = await rag.retrieve(state, "knowledge", messages[-1]["content"], history[-1][0] if history else None,
+                              parsed.knowledge_top_k)
+    rag.augment(state, parsed.request, messages[-1]["content"], hits, history, system)
+    return rag.sources(hits)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -64,11 +89,19 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def eas_http(request: web.Request) -> web.StreamResponse:
     raw = await read_bytes(request)
     parsed = eas.parse_eas_request(raw, request.headers.get(hdrs.CONTENT_TYPE), trace_of(request).request_id)
+    sources = None
+    if parsed.langchain:
+        state = request.app[keys.STATE]
+        hits = await rag.retrieve(state, "langchain", parsed.prompt,
+                                  parsed.history[-1][0] if parsed.history else None)
+        system = next((m["content"] for m in parsed.request.messages if m["role"] == "system"), None)
+        rag.augment(state, parsed.request, parsed.prompt, hits, [tuple(p) for p in parsed.history], system)
+        sources = rag.sources(hits)
     events = _submit(request, parsed.request, parsed.prompt)
     if parsed.stream:
-        renderer = eas.EasStreamRenderer(parsed.prompt, parsed.history)
+        renderer = eas.EasStreamRenderer(parsed.prompt, parsed.history, sources)
         return await write_stream(request, events, renderer, "application/octet-stream")
-    return json_response(await collect(events, eas.EasCollector(parsed.prompt, parsed.history),
+    return json_response(await collect(events, eas.EasCollector(parsed.prompt, parsed.history, sources),
                                        trace_of(request)))
 
 
@@ -97,6 +130,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 def add_routes(app: web.Application) -> None:
+    from server.http.knowledge_api import add_knowledge_routes
+
+    add_knowledge_routes(app)
     r = app.router
     r.add_get("/health", health, name="health")
     r.add_get("/metrics", metrics, name="metrics")

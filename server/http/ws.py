@@ -22,7 +22,7 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from protocol.errors import ProtocolError
 from protocol.types import Failed, TokenDelta
 from protocol.ws import EOS, Cancel, SessionState, WsGenerate, parse_ws_message, render_error, render_text
-from server.http import keys
+from server.http import keys, rag
 from server.http.streaming import StalledReader
 from server.http.trace import Outcome, RequestTrace
 
@@ -104,7 +104,15 @@ class _Session:
             await self.send_error(err)
             return
         if isinstance(action, WsGenerate):
-            await self.answer(action)
+            hits = None
+            if action.langchain:
+                try:
+                    hits = await self.augment(action)
+                except ProtocolError as err:
+                    self.new_trace(rid).finish(err.status)
+                    await self.send_error(err)
+                    return
+            await self.answer(action, hits)
         else:                       # SetSystemPrompt (a Cancel with nothing running lands here too)
             await self.send(EOS)
 
@@ -112,7 +120,14 @@ class _Session:
         return RequestTrace("ws", "ws", request_id=rid, metrics=self.server.metrics,
                             log_prompts=self.server.options.log_prompts)
 
-    async def answer(self, action: WsGenerate) -> None:
+    async def augment(self, action: WsGenerate) -> list:
+        """langchain: true: the round answers from the knowledge base (the session keeps the plain turns)."""
+        history = [tuple(pair) for pair in self.state.history]
+        hits = await rag.retrieve(self.server, "langchain", action.prompt, history[-1][0] if history else None)
+        rag.augment(self.server, action.request, action.prompt, hits, history, self.state.system_prompt)
+        return hits
+
+    async def answer(self, action: WsGenerate, hits: list | None = None) -> None:
         trace = self.new_trace(action.request.request_id)
         trace.submit(action.prompt)
         self.current_rid = action.request.request_id
@@ -128,10 +143,15 @@ class _Session:
             trace.finish(status)
         answer = "".join(parts)
         if status == 200:
+            # a knowledge-base answer ends with a "Sources:" line: in the answer's one frame when not
+            # streamed (a client that reads one frame sees it), as a last frame when streamed
+            sources = rag.sources_text(hits) if hits is not None else ""
             if not action.stream:
-                for frame in render_text(answer):
+                for frame in render_text(answer + sources):
                     await self.send(frame)
-            self.state.commit(action.prompt, answer)
+            elif sources:
+                await self.send(sources)
+            self.state.commit(action.prompt, answer)     # the session's history keeps the plain answer
         await self.send(EOS)
 
     async def _generate(self, action: WsGenerate, trace: RequestTrace, parts: list[str]) -> int:

@@ -72,3 +72,6 @@ def test_websocket_client_sample(live_server, tmp_path):
     assert out.count("receives end message: <EOS>") == 1                 # on_open_1: streamed, then <EOS>
     assert out.count("--- message received: <EOS>") >= 5                  # on_open_2: 5 answers, 5 <EOS>
     assert out.count("### closed ###") == 3
+    # on_open_3 (langchain: true) is answered from the knowledge base, its sources in the answer's frame
+    answer = [line for line in out.splitlines() if "--- message received:" in line][-1]
+    assert "Sources: [1] mnn.md" in out, answer

@@ -95,6 +95,27 @@ def token_server(tmp_path_factory):
     _stop(proc, log)
 
 
+MNN_DOC = ("# MNN\n\nMNN is a lightweight deep learning inference engine developed by Alibaba. "
+           "It runs neural network models on phones, embedded devices and servers.\n")
+
+
+@pytest.fixture(scope="session")
+def knowledge_server(tmp_path_factory):
+    """(base URL, token) of a berth server with a private knowledge base: `--knowledge` indexes one .md
+    file at start, `--knowledge-db` keeps the store in the test's tmp dir (the model cache stays shared),
+    `--max-new-tokens 16` keeps answers short. The token makes the UI's authenticated fetches real."""
+    tmp = tmp_path_factory.mktemp("webui-knowledge-server")
+    docs = tmp / "docs"
+    docs.mkdir()
+    (docs / "mnn.md").write_text(MNN_DOC, encoding="utf-8")
+    token = "tok-" + secrets.token_urlsafe(12)
+    proc, log, base_url = _start_server(tmp, ["--token", token, "--knowledge", str(docs),
+                                              "--knowledge-db", str(tmp / "kb.sqlite3"),
+                                              "--max-new-tokens", "16"])
+    yield base_url, token
+    _stop(proc, log)
+
+
 @pytest.fixture(scope="session")
 def browser():
     if not os.path.exists(CHROMIUM):

@@ -7,6 +7,9 @@
   const EOS = "<EOS>";
   const STOP_GRACE_MS = 10000;
   const DEFAULTS = { temperature: 0.7, top_p: 0.8, top_k: 30, max_new_tokens: 512 };
+  const SOURCES_PREFIX = "\n\nSources: ";   // the frame a knowledge-base answer ends with (before <EOS>)
+  const UPLOAD_POLL_MS = 300;
+  const UPLOAD_POLL_LIMIT_MS = 30 * 60 * 1000;
 
   const $ = (id) => document.getElementById(id);
   const ui = {
@@ -16,6 +19,8 @@
     temperature: $("temperature"), topP: $("top-p"), topK: $("top-k"), maxNewTokens: $("max-new-tokens"),
     tokenDialog: $("token-dialog"), tokenForm: $("token-form"), tokenInput: $("token-input"),
     tokenError: $("token-error"),
+    useKb: $("use-kb"), kbSwitchNote: $("kb-switch-note"), knowledge: $("knowledge"), kbMessage: $("kb-message"),
+    kbFiles: $("kb-files"), kbUpload: $("kb-upload"), kbTotals: $("kb-totals"), kbDocs: $("kb-docs"),
   };
 
   const state = {
@@ -26,6 +31,7 @@
     turn: null,             // the answer being generated
     history: [],            // finished [prompt, answer] pairs: restores the dialogue on a new socket
     restoreHistory: false,  // next message must carry `history` (the socket was dropped mid-dialogue)
+    kb: { available: null, listSeq: 0, uploading: false },  // knowledge base: null until first asked
   };
 
   // ---------- small helpers ----------
@@ -61,6 +67,14 @@
       box.append(" ", button);
     }
     ui.status.append(box);
+  }
+
+  function plural(count, noun) {
+    return `${count} ${noun}${count === 1 ? "" : "s"}`;
+  }
+
+  function sleep(ms) {
+    return new Promise((resolve) => setTimeout(resolve, ms));
   }
 
   function describeError(err) {
@@ -153,6 +167,7 @@
     state.ready = true;
     showStatus("");
     setModel(result.model);
+    if (ui.knowledge.open) loadDocuments();
     ui.prompt.focus();
   }
 
@@ -224,6 +239,16 @@
       } catch { /* plain model text that happens to look like JSON */ }
     }
     if (!data) return;
+    if (turn.langchain && data.startsWith(SOURCES_PREFIX)) {
+      // Shown apart from the answer once <EOS> confirms it was the last frame (never part of turn.text).
+      if (turn.sources !== null) turn.text += turn.sources;
+      turn.sources = data;
+      return;
+    }
+    if (turn.sources !== null) {   // model text that merely looked like the sources line
+      turn.text += turn.sources;
+      turn.sources = null;
+    }
     const now = performance.now();
     if (turn.firstAt === null) turn.firstAt = now;
     turn.lastAt = now;
@@ -234,7 +259,7 @@
 
   // ---------- turns ----------
 
-  function requestBody(prompt) {
+  function requestBody(prompt, langchain) {
     const body = {
       prompt,
       system_prompt: ui.systemPrompt.value,
@@ -244,6 +269,7 @@
       max_new_tokens: Math.trunc(numberOr(ui.maxNewTokens, DEFAULTS.max_new_tokens)),
       use_stream_chat: true,
     };
+    if (langchain) body.langchain = true;
     if (state.restoreHistory) body.history = state.history.map((pair) => pair.slice());
     return body;
   }
@@ -260,17 +286,22 @@
     return article;
   }
 
-  async function sendPrompt(prompt) {
+  function knowledgeSwitchOn() {
+    return ui.useKb.checked && !ui.useKb.disabled;
+  }
+
+  async function sendPrompt(prompt, langchain = knowledgeSwitchOn()) {
     if (state.turn || !state.ready || !prompt.trim()) return;
     const userEl = addMessage("user", prompt);
     const article = addMessage("assistant");
     article.dataset.state = "streaming";
+    if (langchain) article.dataset.knowledge = "true";
     const meta = el("div", "meta", "waiting…");
     article.append(meta);
     const turn = {
       prompt, userEl, article, body: article.querySelector(".body"), meta, text: "", numTokens: 0,
       sentAt: performance.now(), firstAt: null, lastAt: null, stopped: false, error: null,
-      renderPending: false, stopTimer: null,
+      renderPending: false, stopTimer: null, langchain, sources: null,
     };
     state.turn = turn;
     setBusy(true);
@@ -282,7 +313,7 @@
       return;
     }
     if (state.turn !== turn) return;
-    ws.send(JSON.stringify(requestBody(prompt)));
+    ws.send(JSON.stringify(requestBody(prompt, langchain)));
     state.restoreHistory = false;
     turn.sentAt = performance.now();
   }
@@ -323,6 +354,7 @@
     clearTimeout(turn.stopTimer);
     state.turn = null;
     renderTurn(turn);
+    if (turn.sources !== null) renderSources(turn);
     turn.article.dataset.state = outcome;
     updateMeta(turn, outcome === "stopped" ? "stopped" : "");
     if (outcome !== "error" && turn.text) state.history.push([turn.prompt, turn.text]);
@@ -353,7 +385,7 @@
     if (!state.ready) { start(); return; }
     turn.userEl.remove();
     turn.article.remove();
-    sendPrompt(turn.prompt);
+    sendPrompt(turn.prompt, turn.langchain);
   }
 
   function setBusy(busy) {
@@ -378,6 +410,17 @@
   }
 
   // ---------- rendering (text nodes only) ----------
+
+  /** The knowledge-base sources under the answer: their own element, never part of the answer text. */
+  function renderSources(turn) {
+    const text = turn.sources.slice(SOURCES_PREFIX.length).trim();
+    const box = el("div", "sources");
+    box.append(el("span", "sources-label", "Sources"));
+    const list = el("ul", "sources-list");
+    for (const item of text.split(/;\s+(?=\[\d+\]\s)/)) list.append(el("li", "source", item));
+    box.append(list);
+    turn.meta.before(box);
+  }
 
   function scheduleRender(turn) {
     if (turn.renderPending) return;
@@ -423,6 +466,179 @@
     container.replaceChildren(fragment);
   }
 
+  // ---------- knowledge base: the documents panel ----------
+
+  /** An authenticated call to this origin: {status, data} (status 0: the server could not be reached). */
+  async function api(method, path, body) {
+    const headers = state.token ? { Authorization: "Bearer " + state.token } : {};
+    let response;
+    try {
+      response = await fetch(path, { method, headers, body, cache: "no-store" });
+    } catch {
+      return { status: 0, data: null };
+    }
+    let data = null;
+    try { data = await response.json(); } catch { /* not JSON */ }
+    if (response.status === 401) askToken("The server refused the token. Enter it again.");
+    return { status: response.status, data };
+  }
+
+  function apiError(result, what) {
+    if (result.status === 0) return `${what}: cannot reach the server.`;
+    const err = result.data && result.data.error;
+    if (err && typeof err === "object") return `${what}: ${describeError({ ...err, code: err.code || result.status })}`;
+    return `${what}: the server answered ${result.status}.`;
+  }
+
+  /** The 400 every knowledge route answers when the server was started without a knowledge base. */
+  function noKnowledgeBase(result) {
+    const err = result.data && result.data.error;
+    return result.status === 400 && err && typeof err === "object" && err.param === "knowledge";
+  }
+
+  function showKbMessage(message, isError) {
+    ui.kbMessage.textContent = message || "";
+    ui.kbMessage.classList.toggle("is-error", Boolean(message && isError));
+  }
+
+  function setKbAvailable(available, message) {
+    state.kb.available = available;
+    if (available === false) {
+      ui.useKb.checked = false;
+      ui.useKb.disabled = true;
+      ui.kbSwitchNote.textContent = "(this server has no knowledge base)";
+      ui.kbFiles.disabled = true;
+      ui.kbDocs.replaceChildren();
+      ui.kbTotals.textContent = "";
+      showKbMessage(message || "This server has no knowledge base.", true);
+    } else {
+      ui.useKb.disabled = false;
+      ui.kbSwitchNote.textContent = "";
+      ui.kbFiles.disabled = state.kb.uploading;
+    }
+  }
+
+  async function loadDocuments() {
+    const seq = ++state.kb.listSeq;
+    ui.kbDocs.setAttribute("aria-busy", "true");
+    const result = await api("GET", "/api/v1/documents");
+    if (seq !== state.kb.listSeq) return;   // a newer listing is on its way
+    ui.kbDocs.setAttribute("aria-busy", "false");
+    const body = result.data;
+    if (result.status === 200 && body && Array.isArray(body.documents)) {
+      setKbAvailable(true);
+      renderDocuments(body.documents, Number(body.num_chunks) || 0);
+    } else if (result.status === 400) {   // the only 400 of this route: no knowledge base
+      setKbAvailable(false, body && body.error && typeof body.error.message === "string" ? body.error.message : "");
+    } else {
+      showKbMessage(apiError(result, "Could not list the documents"), true);
+    }
+  }
+
+  function renderDocuments(docs, numChunks) {
+    const fragment = document.createDocumentFragment();
+    for (const doc of docs) {
+      const name = String(doc && doc.name);
+      const item = el("li", "kb-doc");
+      item.dataset.name = name;
+      const nameEl = el("span", "kb-doc-name", name);
+      nameEl.title = name;
+      const chunks = el("span", "kb-doc-chunks", plural(Number(doc.num_chunks) || 0, "chunk"));
+      const remove = el("button", "btn kb-delete", "Delete");
+      remove.type = "button";
+      remove.setAttribute("aria-label", `Delete ${name}`);
+      remove.addEventListener("click", () => deleteDocument(name, remove));
+      item.append(nameEl, chunks, remove);
+      fragment.append(item);
+    }
+    ui.kbDocs.replaceChildren(fragment);
+    ui.kbTotals.textContent = docs.length
+      ? `${plural(docs.length, "document")} · ${plural(numChunks, "chunk")}`
+      : "No documents yet: add some above.";
+  }
+
+  async function deleteDocument(name, button) {
+    button.disabled = true;
+    const result = await api("DELETE", "/api/v1/documents/" + encodeURIComponent(name));
+    if (result.status === 200) showKbMessage(`Deleted ${name}.`, false);
+    else if (noKnowledgeBase(result)) setKbAvailable(false, result.data.error.message);
+    else showKbMessage(apiError(result, `Could not delete ${name}`), true);
+    await loadDocuments();
+  }
+
+  async function uploadFiles() {
+    const files = [...ui.kbFiles.files];
+    if (!files.length || state.kb.uploading) return;
+    state.kb.uploading = true;
+    ui.kbFiles.disabled = true;
+    showKbMessage("");
+    const statusLine = el("li", "kb-upload-status", `indexing… (${plural(files.length, "file")})`);
+    ui.kbUpload.dataset.status = "pending";
+    ui.kbUpload.replaceChildren(statusLine);
+    const form = new FormData();
+    for (const file of files) form.append("files", file, file.name);
+    try {
+      const started = await api("POST", "/api/v1/upload_data", form);
+      const taskId = started.data && started.data.task_id;
+      if (started.status !== 200 || typeof taskId !== "string") {
+        ui.kbUpload.dataset.status = "failed";
+        statusLine.textContent = apiError(started, "Upload failed");
+        if (noKnowledgeBase(started)) setKbAvailable(false, started.data.error.message);
+        return;
+      }
+      const task = await pollUpload(taskId, statusLine);
+      if (task) showUploadResult(task, statusLine);
+    } finally {
+      state.kb.uploading = false;
+      ui.kbFiles.value = "";
+      ui.kbFiles.disabled = state.kb.available === false;
+      if (state.kb.available !== false) await loadDocuments();
+    }
+  }
+
+  /** get_upload_state every UPLOAD_POLL_MS until the task is completed or failed; null when polling failed. */
+  async function pollUpload(taskId, statusLine) {
+    const deadline = performance.now() + UPLOAD_POLL_LIMIT_MS;
+    let unreachable = 0;
+    while (performance.now() < deadline) {
+      await sleep(UPLOAD_POLL_MS);
+      const result = await api("GET", "/api/v1/get_upload_state?task_id=" + encodeURIComponent(taskId));
+      if (result.status === 0 && ++unreachable < 5) continue;
+      const task = result.data;
+      if (result.status !== 200 || !task || typeof task !== "object") {
+        ui.kbUpload.dataset.status = "failed";
+        statusLine.textContent = apiError(result, "Could not follow the upload");
+        return null;
+      }
+      unreachable = 0;
+      if (task.status === "completed" || task.status === "failed") return task;
+      ui.kbUpload.dataset.status = "processing";
+    }
+    ui.kbUpload.dataset.status = "failed";
+    statusLine.textContent = "Still indexing after a long time; the list below shows what is done.";
+    return null;
+  }
+
+  function showUploadResult(task, statusLine) {
+    const done = Array.isArray(task.documents) ? task.documents : [];
+    const errors = Array.isArray(task.errors) ? task.errors : [];
+    ui.kbUpload.dataset.status = task.status;
+    statusLine.textContent = task.status === "completed"
+      ? `indexed ${plural(done.length, "file")}${errors.length ? `, ${errors.length} failed` : ""}`
+      : "indexing failed";
+    for (const name of done) ui.kbUpload.append(el("li", "kb-file ok", `${String(name)}: indexed`));
+    for (const err of errors) {
+      const file = err && typeof err.file === "string" ? err.file : "?";
+      const message = err && typeof err.error === "string" ? err.error : "could not be indexed";
+      ui.kbUpload.append(el("li", "kb-file failed", message.startsWith(file + ":") ? message : `${file}: ${message}`));
+    }
+  }
+
+  function onKnowledgeSwitch() {
+    // Whether the server has a knowledge base is asked on first use (a page load sends no request that may fail).
+    if (ui.useKb.checked && state.kb.available !== true) loadDocuments();
+  }
+
   // ---------- wiring ----------
 
   function newChat() {
@@ -457,6 +673,9 @@
   ui.stop.addEventListener("click", stopGeneration);
   ui.newChat.addEventListener("click", newChat);
   ui.tokenForm.addEventListener("submit", onTokenSubmit);
+  ui.knowledge.addEventListener("toggle", () => { if (ui.knowledge.open) loadDocuments(); });
+  ui.kbFiles.addEventListener("change", uploadFiles);
+  ui.useKb.addEventListener("change", onKnowledgeSwitch);
   ui.tokenDialog.addEventListener("cancel", (event) => { if (!state.ready) event.preventDefault(); });
   if (window.matchMedia("(min-width: 900px)").matches) ui.settings.open = true;
   setBusy(false);
