@@ -25,8 +25,9 @@ def make_app(engine: AsyncEngine, served_names: list[str], token: str | None = N
     app = web.Application(client_max_size=max_body, middlewares=[
         access_middleware, error_middleware, auth_middleware(checker, options.metrics_public),
         guard_middleware(checker.enabled)])
+    metrics = Metrics(engine, served_names[0] if served_names else "")
     app[keys.STATE] = keys.ServerState(engine=engine, served_names=served_names, max_body=max_body,
-                                       options=options, metrics=Metrics(engine), knowledge=knowledge)
+                                       options=options, metrics=metrics, knowledge=knowledge)
     app.cleanup_ctx.append(_engine_lifetime)
     add_routes(app)
     return app

@@ -14,7 +14,7 @@ from aiohttp import hdrs, web
 
 from protocol.errors import ProtocolError
 
-PUBLIC_ROUTES = frozenset({"health", "webui", "static", "root"})   # root: the page, or WS (checked there)
+PUBLIC_ROUTES = frozenset({"health", "ready", "webui", "static", "root"})   # root: the page, or WS (checked there)
 TOKEN_SUBPROTOCOL = "berth-token."
 
 

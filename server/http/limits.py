@@ -15,7 +15,7 @@ from server.http import keys
 
 log = logging.getLogger("berth.http")
 
-DRAIN_EXEMPT = frozenset({"health", "metrics"})
+DRAIN_EXEMPT = frozenset({"health", "ready", "metrics"})
 LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
 PAGE_ROUTES = frozenset({"webui", "static", "root"})
 ORIGIN_CHECKED = frozenset({"webui", "static", "root", "ws"})

@@ -116,10 +116,19 @@ async def webui(request: web.Request) -> web.StreamResponse:
 
 
 async def health(request: web.Request) -> web.Response:
+    """Liveness: the process serves (draining included); 503 once the engine has failed (it exits next)."""
+    state = request.app[keys.STATE]
+    if state.engine.dead is not None:
+        raise ProtocolError("the engine has failed", status=503)
+    return json_response({"status": "draining" if state.draining else "ok"})
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: the model is loaded and the server is not draining (a gateway or Kubernetes routes here)."""
     state = request.app[keys.STATE]
     if state.engine.dead is not None or state.draining or not state.ready:
-        raise ProtocolError("not ready" if not state.ready else "unavailable", status=503)
-    return json_response({"status": "ok"})
+        raise ProtocolError("draining" if state.draining else "not ready", status=503, retry_after=1)
+    return json_response({"status": "ready"})
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -135,6 +144,7 @@ def add_routes(app: web.Application) -> None:
     add_knowledge_routes(app)
     r = app.router
     r.add_get("/health", health, name="health")
+    r.add_get("/ready", ready, name="ready")
     r.add_get("/metrics", metrics, name="metrics")
     r.add_get("/v1/models", models, name="models")
     r.add_post("/v1/chat/completions", chat_completions, name="chat")

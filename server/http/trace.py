@@ -22,7 +22,7 @@ access_log = logging.getLogger("berth.access")
 
 TRACE = web.RequestKey("trace", object)
 _PROTOCOLS = {"chat": "openai_chat", "completions": "openai_completions", "eas": "eas"}
-_QUIET_ROUTES = frozenset({"health", "metrics", "static"})
+_QUIET_ROUTES = frozenset({"health", "ready", "metrics", "static"})
 MAX_LOGGED_PROMPT = 2000
 
 

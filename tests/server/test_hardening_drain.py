@@ -53,8 +53,10 @@ async def scenario(server: LiveServer) -> None:
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 60)
         server.proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.3)
+        async with session.get(url + "/ready") as resp:
+            assert resp.status == 503                  # readiness: draining, route elsewhere
         async with session.get(url + "/health") as resp:
-            assert resp.status == 503
+            assert resp.status == 200 and (await resp.json())["status"] == "draining"   # liveness: alive
         async with session.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}) as resp:
             assert resp.status == 503 and resp.headers["Retry-After"]
             assert (await resp.json())["error"]["type"] == "overloaded_error"
@@ -117,7 +119,7 @@ async def second_signal_scenario(server: LiveServer, children: list) -> float:
         children += psutil.Process(server.proc.pid).children(recursive=True)
         server.proc.send_signal(signal.SIGTERM)
         await asyncio.sleep(1.0)
-        async with session.get(url + "/health") as resp:
+        async with session.get(url + "/ready") as resp:
             assert resp.status == 503
         assert not any(t.done() for t in (*streams, nul, ws)), "the drain must still be waiting for them"
         server.proc.send_signal(signal.SIGINT)

@@ -760,6 +760,9 @@ async def test_ws_client_that_never_reads_is_closed_after_the_stall_timeout(buil
     sock = await raw_ws(client.server.host, client.server.port, rcvbuf=1)
     await until(lambda: _SmallWsBuffers.transports, 5, "the session")
     transport = _SmallWsBuffers.transports[0]
+    # a fixed, small send buffer: Linux otherwise grows it under autotuning, the writes then go on
+    # draining into it, and a 1500-token round could finish before it ever stalls (a flaky test)
+    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
     for _ in range(400):                   # fill the kernel buffers with short answers (error + <EOS>)
         await loop.sock_sendall(sock, ws_frame(b"not json") * 4)
         await asyncio.sleep(0.01)

@@ -216,6 +216,7 @@ async def test_auth_covers_websocket_and_leaves_health_and_page_open(make_client
 
     client = await make_client(served_engine, token="secret")
     assert (await client.get("/health")).status == 200
+    assert (await client.get("/ready")).status == 200          # readiness is open too (probes, gateways)
     assert (await client.get("/webui")).status == 200
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
         await client.ws_connect("/ws")
