@@ -1,8 +1,8 @@
 """The shared store: PostgreSQL, so several berth replicas see one knowledge base.
 
 Same tables as SQLite, with two tsvector columns (text search config 'simple': no stemming, no language
-guess), each with a GIN index, both ranked by ts_rank_cd against the OR of one plainto_tsquery per term
-(terms are parameters, never query syntax):
+guess), each with a GIN index, ranked by the sum over the question's terms of ts_rank x the term's inverse
+document frequency (see _match; terms are parameters, never query syntax):
   tsv     generated from `text`: the words
   grams   to_tsvector of the chunk's CJK bigrams joined by spaces (query.cjk_bigrams), written on insert
 NOTE: neither pg_trgm nor pgvector is used. pg_trgm keeps only the characters the database's locale
@@ -12,6 +12,8 @@ characters as letters under the C locale and UTF-8 locales alike, so the bigram 
 Tables are created if absent, under an advisory lock so replicas starting together do not race.
 """
 from __future__ import annotations
+
+import math
 
 import psycopg
 
@@ -82,12 +84,27 @@ class PostgresStore(Store):
         return self._match("grams", grams, limit) if grams else []
 
     def _match(self, column: str, terms: tuple[str, ...], limit: int) -> list[Hit]:
-        tsquery = " || ".join(["plainto_tsquery('simple', %s)"] * len(terms))
-        rows = self.connections.get().execute(
-            f"SELECT c.chunk_id, d.name, c.text, ts_rank_cd(c.{column}, q) AS score "
-            f"FROM knowledge_chunks c JOIN knowledge_documents d ON d.doc_id = c.doc_id, (SELECT {tsquery} AS q) s "
-            f"WHERE c.{column} @@ q ORDER BY score DESC, c.chunk_id LIMIT %s",
-            [*terms, limit])
+        """BM25's idea on tsvectors: each term's ts_rank (length-normalised) weighted by its inverse
+        document frequency, summed. NOTE: ts_rank_cd alone gives a word in most chunks ("function",
+        "return") as much weight as a rare one; on bench.rag's eval that ranked MRR@10 0.54 against
+        SQLite BM25's 0.94. Document frequencies come from the GIN index, one round trip for all terms."""
+        conn = self.connections.get()
+        counts = " UNION ALL ".join(
+            [f"SELECT count(*) FROM knowledge_chunks WHERE {column} @@ plainto_tsquery('simple', %s)"] * len(terms))
+        total = max(1, self.count_chunks())
+        dfs = [row[0] for row in conn.execute(counts, list(terms)).fetchall()]
+        weighted = [(t, math.log(1 + (total - df + 0.5) / (df + 0.5))) for t, df in zip(terms, dfs) if df]
+        if not weighted:
+            return []
+        values = ", ".join(["(%s, %s::float8)"] * len(weighted))
+        rows = conn.execute(
+            f"WITH q(term, idf) AS (VALUES {values}) "
+            f"SELECT c.chunk_id, d.name, c.text, "
+            f"sum(q.idf * ts_rank(c.{column}, plainto_tsquery('simple', q.term), 1)) AS score "
+            f"FROM knowledge_chunks c JOIN knowledge_documents d ON d.doc_id = c.doc_id "
+            f"JOIN q ON c.{column} @@ plainto_tsquery('simple', q.term) "
+            f"GROUP BY c.chunk_id, d.name, c.text ORDER BY score DESC, c.chunk_id LIMIT %s",
+            [x for pair in weighted for x in pair] + [limit])
         return hits_from_rows(rows)
 
     def close(self) -> None:
