@@ -7,6 +7,7 @@ when the engine said stop ("length" and "abort" stay). Logprobs cover all the ch
 """
 from __future__ import annotations
 
+from protocol.reasoning import ReasoningConfig, split_reasoning
 from protocol.openai_render import (CompletionLogprobs, UsageTally, chat_logprobs, check_index,
                                     merge_completion_logprobs)
 from protocol.tools import parse_tool_calls
@@ -47,8 +48,10 @@ class _Collector:
 
 
 class ChatCollector(_Collector):
-    def __init__(self, request_id: str, model: str, created: int, n: int, tools: ToolSpec | None = None) -> None:
+    def __init__(self, request_id: str, model: str, created: int, n: int, tools: ToolSpec | None = None,
+                 reasoning: ReasoningConfig | None = None) -> None:
         super().__init__(n)
+        self._reasoning = reasoning
         self.sources: list[dict] | None = None
         self._base = {"id": f"chatcmpl-{request_id}", "object": "chat.completion", "created": created,
                       "model": model}
@@ -56,10 +59,14 @@ class ChatCollector(_Collector):
 
     def _choice(self, index: int) -> tuple[dict, str | None]:
         text, reason = self._text(index), self._reason(index)
+        thought = None
+        if self._reasoning is not None:
+            thought, text = split_reasoning(text, self._reasoning)
+        extra = {"reasoning_content": thought} if thought is not None else {}
         if self._tool_names is None:
-            return {"role": "assistant", "content": text}, reason
+            return {"role": "assistant", "content": text, **extra}, reason
         content, calls = parse_tool_calls(text, self._tool_names)
-        message = {"role": "assistant", "content": content}
+        message = {"role": "assistant", "content": content, **extra}
         if calls:
             message["tool_calls"] = calls
             if reason == FinishReason.STOP.value:

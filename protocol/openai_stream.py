@@ -17,6 +17,7 @@ it; tokens whose text went into a tool call (or into dropped whitespace) get non
 from __future__ import annotations
 
 from protocol.errors import ProtocolError
+from protocol.reasoning import ReasoningConfig, ReasoningSplitter
 from protocol.openai_render import CompletionLogprobs, UsageTally, chat_logprobs, check_index
 from protocol.sse import DONE, encode_event
 from protocol.tools import ContentDelta, ToolCallParser, ToolCallStart, ToolEvent
@@ -73,8 +74,10 @@ class ChatStreamRenderer(_SseRenderer):
     choice, then (include_usage) a usage chunk with empty choices, then [DONE]."""
 
     def __init__(self, request_id: str, model: str, created: int, n: int, include_usage: bool,
-                 tools: ToolSpec | None = None) -> None:
+                 tools: ToolSpec | None = None, reasoning: ReasoningConfig | None = None) -> None:
         super().__init__(n)
+        # reasoning models: <think>...</think> streams as delta.reasoning_content, the rest as usual
+        self._splitters = [ReasoningSplitter(reasoning) for _ in range(n)] if reasoning is not None else None
         self._base = {"id": f"chatcmpl-{request_id}", "object": "chat.completion.chunk",
                       "created": created, "model": model}
         self._include_usage = include_usage
@@ -102,14 +105,26 @@ class ChatStreamRenderer(_SseRenderer):
 
     def _delta(self, ev: TokenDelta) -> list[bytes]:
         frames = self._role(ev.index)
+        if self._splitters is None:
+            return frames + self._content(ev.index, ev.text, ev.logprobs)
+        thought, text = self._splitters[ev.index].feed(ev.text) if ev.text else ("", "")
+        return frames + self._thought(ev.index, thought) + self._content(ev.index, text, ev.logprobs)
+
+    def _thought(self, index: int, text: str) -> list[bytes]:
+        if not text:
+            return []
+        return [self._chunk({"index": index, "delta": {"reasoning_content": text}, "logprobs": None,
+                             "finish_reason": None})]
+
+    def _content(self, index: int, text: str, logprobs) -> list[bytes]:
         if self._parsers is not None:
-            self._held_logprobs[ev.index] += ev.logprobs or ()
-            return frames + self._tool_frames(ev.index, self._parsers[ev.index].feed(ev.text) if ev.text else [])
-        if ev.text or ev.logprobs:
-            logprobs = chat_logprobs(ev.logprobs) if ev.logprobs is not None else None
-            frames.append(self._chunk({"index": ev.index, "delta": {"content": ev.text},
-                                       "logprobs": logprobs, "finish_reason": None}))
-        return frames
+            self._held_logprobs[index] += logprobs or ()
+            return self._tool_frames(index, self._parsers[index].feed(text) if text else [])
+        if text or logprobs:
+            rendered = chat_logprobs(logprobs) if logprobs is not None else None
+            return [self._chunk({"index": index, "delta": {"content": text}, "logprobs": rendered,
+                                 "finish_reason": None})]
+        return []
 
     def _tool_frames(self, index: int, events: list[ToolEvent]) -> list[bytes]:
         frames = []
@@ -131,6 +146,9 @@ class ChatStreamRenderer(_SseRenderer):
 
     def _finished(self, ev: Finished) -> list[bytes]:
         frames, reason = self._role(ev.index), ev.reason.value
+        if self._splitters is not None:
+            thought, text = self._splitters[ev.index].finish()
+            frames += self._thought(ev.index, thought) + self._content(ev.index, text, None)
         if self._parsers is not None:
             parser = self._parsers[ev.index]
             frames += self._tool_frames(ev.index, parser.finish())

@@ -66,6 +66,9 @@ def serve_parser(sub) -> None:
     p.add_argument("--knowledge-db", default=None, metavar="URL",
                    help="the knowledge base's store: a SQLite file (default $BERTH_CACHE/knowledge.sqlite3) or "
                         "postgresql://... shared by several replicas; enables the knowledge base on its own")
+    p.add_argument("--reasoning-parser", choices=("auto", "none", "deepseek_r1", "qwen3"), default="auto",
+                   help="split <think>...</think> into reasoning_content on the OpenAI chat routes. auto: when the "
+                        "chat template has </think> (deepseek_r1 when its generation prompt opens <think>, else qwen3)")
     p.add_argument("--log-level", default="info")
 
 
@@ -153,6 +156,23 @@ def _announce(args, name: str, engine, seconds: float) -> None:
     print(f"  WebUI: {url}/", flush=True)
 
 
+def _reasoning(choice: str, engine):
+    """The reasoning split the chat routes apply (protocol/reasoning.py), or None."""
+    from protocol.reasoning import ReasoningConfig, detect
+
+    if choice == "none":
+        return None
+    if choice != "auto":
+        return ReasoningConfig(starts_inside=choice == "deepseek_r1")
+    tokenizer = getattr(engine.engine, "tokenizer", None)
+    if tokenizer is None:
+        return None
+    config = detect(tokenizer.hf.chat_template, tokenizer.generation_prompt())
+    if config is not None:
+        log.info("reasoning parser: %s (from the chat template)", "deepseek_r1" if config.starts_inside else "qwen3")
+    return config
+
+
 def _run(args, engine, name: str, knowledge=None) -> int:
     from server.http.app import make_app
     from server.http.keys import ServerOptions
@@ -172,7 +192,8 @@ def _run(args, engine, name: str, knowledge=None) -> int:
                             stall_timeout=args.stall_timeout, drain_timeout=args.drain_timeout,
                             max_connections=args.max_connections, ws_idle_timeout=args.ws_idle_timeout,
                             allowed_hosts=parse_allowed_hosts(args.allowed_hosts, args.host))
-    app = make_app(engine, [name], token=args.token, options=options, knowledge=knowledge)
+    app = make_app(engine, [name], token=args.token, options=options, knowledge=knowledge,
+                   reasoning=_reasoning(args.reasoning_parser, engine))
     return asyncio.run(serve_app(app, args.host, args.port))
 
 

@@ -48,6 +48,18 @@ class Tokenizer:
             return template_messages(messages), tools
         return fallback_messages(messages, request.tools or ()), None
 
+    def generation_prompt(self) -> str:
+        """The text the chat template appends to open the assistant's turn ("" without a template)."""
+        if self.hf.chat_template is None:
+            return ""
+        probe = [{"role": "user", "content": "x"}]
+        try:
+            without = self.hf.apply_chat_template(probe, tokenize=False, add_generation_prompt=False)
+            with_prompt = self.hf.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+        except Exception:  # noqa: BLE001 - a template that cannot render a probe has no known prompt
+            return ""
+        return with_prompt[len(without):] if with_prompt.startswith(without) else ""
+
     @property
     def supports_tools(self) -> bool:
         template = self.hf.chat_template

@@ -17,7 +17,7 @@ MAX_BODY_BYTES = 2 * 1024 * 1024
 
 def make_app(engine: AsyncEngine, served_names: list[str], token: str | None = None,
              max_body: int = MAX_BODY_BYTES, options: keys.ServerOptions | None = None,
-             knowledge=None) -> web.Application:
+             knowledge=None, reasoning=None) -> web.Application:
     """Middlewares, outermost first: access log + metrics (sees the final status), JSON errors,
     auth (401 before anything else is revealed), then drain / Origin / page headers."""
     options = options or keys.ServerOptions()
@@ -27,7 +27,8 @@ def make_app(engine: AsyncEngine, served_names: list[str], token: str | None = N
         guard_middleware(checker.enabled)])
     metrics = Metrics(engine, served_names[0] if served_names else "")
     app[keys.STATE] = keys.ServerState(engine=engine, served_names=served_names, max_body=max_body,
-                                       options=options, metrics=metrics, knowledge=knowledge)
+                                       options=options, metrics=metrics, knowledge=knowledge,
+                                       reasoning=reasoning)
     app.cleanup_ctx.append(_engine_lifetime)
     add_routes(app)
     return app

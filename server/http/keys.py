@@ -37,6 +37,7 @@ class ServerState:
     metrics: object = None               # server.http.metrics.Metrics (set by make_app)
     sessions: set = field(default_factory=set)   # open WebSocket sessions (closed 1001 on drain)
     knowledge: object = None             # server.knowledge.KnowledgeBase, or None (no --knowledge)
+    reasoning: object = None             # protocol.reasoning.ReasoningConfig: split <think> on chat, or None
     uploads: dict = field(default_factory=dict)  # task id -> server.http.knowledge_api.UploadTask
 
 

@@ -40,12 +40,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     model = openai.check_model(parsed.model, state.served_names)
     rid, n, created = parsed.request.request_id, parsed.request.params.n, int(time.time())
     sources = await _chat_knowledge(state, parsed) if parsed.knowledge_top_k else None
+    # a grammar-constrained answer has no reasoning block: the grammar applies from its first token
+    reasoning = state.reasoning if parsed.request.constraint is None else None
     events = _submit(request, parsed.request, parsed.request.messages)
     if parsed.stream:
-        renderer = openai.ChatStreamRenderer(rid, model, created, n, parsed.include_usage, parsed.tools)
+        renderer = openai.ChatStreamRenderer(rid, model, created, n, parsed.include_usage, parsed.tools, reasoning)
         renderer.sources = sources
         return await write_stream(request, events, renderer, SSE)
-    collector = openai.ChatCollector(rid, model, created, n, parsed.tools)
+    collector = openai.ChatCollector(rid, model, created, n, parsed.tools, reasoning)
     collector.sources = sources
     return json_response(await collect(events, collector, trace_of(request)))
 
