@@ -52,6 +52,8 @@ class AttentionMetadata:
     _decode_tensors: tuple[Tensor | None, Tensor | None] | None = None
     prefill_spans: list[PrefillSpan] = field(default_factory=list)
     _token_rows: Tensor | None = None
+    # sliding-window masks built on first use and shared by every layer of the step (kernels.reference)
+    window_masks: dict = field(default_factory=dict)
 
     @property
     def token_rows(self) -> Tensor:

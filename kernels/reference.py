@@ -21,23 +21,28 @@ def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
 
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
-                    scale: float, k: Tensor | None = None, v: Tensor | None = None) -> Tensor:
+                    scale: float, k: Tensor | None = None, v: Tensor | None = None,
+                    window: int | None = None) -> Tensor:
     """Causal attention of each sequence's new queries q (T, Hq, D) over its whole context in
     the paged cache (store_kv must already have run). Optional k, v (T, Hkv, D) are this step's
-    new keys/values: rows without a cached prefix then skip the cache gather. Returns (T, Hq, D)."""
+    new keys/values: rows without a cached prefix then skip the cache gather. `window`: sliding-window
+    attention as transformers' `sliding_window` masks it (the query at position p sees keys p - window + 1
+    .. p); None, or no context longer than the window, is plain causal attention. Returns (T, Hq, D)."""
+    if window is not None and meta.max_context_len <= window:
+        window = None
     num_decode = meta.num_decode_seqs
     if num_decode and num_decode == q.shape[0]:
-        return _decode(q, k_cache, v_cache, meta, scale)
+        return _decode(q, k_cache, v_cache, meta, scale, window)
     out = torch.empty_like(q)
     if num_decode:
-        out[:num_decode] = _decode(q[:num_decode], k_cache, v_cache, meta, scale)
+        out[:num_decode] = _decode(q[:num_decode], k_cache, v_cache, meta, scale, window)
     for span in meta.prefill_spans:
-        out[span.q_start:span.q_end] = _prefill(q, k_cache, v_cache, span, scale, k, v)
+        out[span.q_start:span.q_end] = _prefill(q, k_cache, v_cache, span, scale, k, v, window)
     return out
 
 
 def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
-            scale: float) -> Tensor:
+            scale: float, window: int | None = None) -> Tensor:
     """All one-token rows in one SDPA: the group of query heads sharing a KV head acts as the
     query-length axis, so no causal mask is needed, only the context-length mask."""
     num_seqs, num_heads, head_dim = q.shape
@@ -45,22 +50,45 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata
     group = num_heads // num_kv_heads
     k = _gather_blocks(k_cache, meta.decode_block_ids).view(num_seqs, -1, num_kv_heads, head_dim)
     v = _gather_blocks(v_cache, meta.decode_block_ids).view(num_seqs, -1, num_kv_heads, head_dim)
+    mask = meta.decode_mask if window is None else _window_decode_mask(meta, window)
     out = F.scaled_dot_product_attention(
         q.view(num_seqs, num_kv_heads, group, head_dim),  # (Bd, Hkv, g, D)
         k.transpose(1, 2), v.transpose(1, 2),  # (Bd, Hkv, L, D)
-        attn_mask=meta.decode_mask, scale=scale)  # mask (Bd, 1, 1, L)
+        attn_mask=mask, scale=scale)  # mask (Bd, 1, 1, L)
     return out.reshape(num_seqs, num_heads, head_dim)
 
 
 def _prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, span: PrefillSpan, scale: float,
-             k: Tensor | None, v: Tensor | None) -> Tensor:
+             k: Tensor | None, v: Tensor | None, window: int | None = None) -> Tensor:
     q_span = q[span.q_start:span.q_end]  # (n, Hq, D)
     if span.causal_mask is None and k is not None:
         k_span, v_span = k[span.q_start:span.q_end], v[span.q_start:span.q_end]  # (n, Hkv, D)
     else:
         k_span = _gather_context(k_cache, span)  # (ctx, Hkv, D)
         v_span = _gather_context(v_cache, span)
-    return _sdpa_gqa(q_span, k_span, v_span, span.causal_mask, scale)
+    mask = span.causal_mask
+    if window is not None and span.context_len > window:
+        mask = _window_prefill_mask(span, window, q.device)
+    return _sdpa_gqa(q_span, k_span, v_span, mask, scale)
+
+
+def _window_decode_mask(meta: AttentionMetadata, window: int) -> Tensor:
+    """decode_mask limited to each row's last `window` keys: (Bd, 1, 1, L) bool (built once per step)."""
+    key = ("decode", window)
+    if key not in meta.window_masks:
+        mask = meta.decode_mask
+        lens = meta.context_lens[:meta.num_decode_seqs].to(torch.int64)
+        positions = torch.arange(mask.shape[-1], device=mask.device)
+        recent = positions[None, :] >= (lens - window)[:, None]  # (Bd, L)
+        meta.window_masks[key] = mask & recent[:, None, None, :]
+    return meta.window_masks[key]
+
+
+def _window_prefill_mask(span: PrefillSpan, window: int, device) -> Tensor:
+    """(q_len, context_len) bool: causal and within the window (the span's queries are its last tokens)."""
+    q_pos = torch.arange(span.context_len - span.q_len, span.context_len, device=device)[:, None]
+    k_pos = torch.arange(span.context_len, device=device)[None, :]
+    return (k_pos <= q_pos) & (k_pos > q_pos - window)
 
 
 def _gather_context(cache: Tensor, span: PrefillSpan) -> Tensor:

@@ -116,6 +116,14 @@ class Engine:
         runner = ModelRunner(model, device, dtype, config.block_size, plan.num_blocks)
         # build the C++ model step now (once per machine) rather than on the first request
         native_step = device.type == "cpu" and dtype == torch.float32 and native.load() is not None
+        rotary = model.model.rotary_emb
+        if rotary.params["rope_type"] == "longrope":
+            log.info("LongRoPE: %s factors for every sequence (max_model_len %d, original context %d)",
+                     "long" if rotary.long_factors else "short", max_model_len,
+                     rotary.params["original_max_position_embeddings"])
+        if native_step and not getattr(model, "native_capable", True):
+            native_step = False
+            log.info("partial rotary embeddings: every step runs the PyTorch path (the native step rotates whole heads)")
         stored_dtype = model.model.layers[0].mlp.down_proj.weight.dtype
         weights = "GGUF types" if is_gguf else (f"{quantization} weights" if quantization in ("int8", "int4")
                                                  else f"{str(stored_dtype).removeprefix('torch.')} weights")

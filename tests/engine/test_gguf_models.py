@@ -8,6 +8,7 @@ interleaved per head, names blk.N.*), in F32 and in quant types:
   round activations to int8 per group of 32, so logits stay within 3% of the logit range.
 """
 import json
+import math
 import os
 
 import gguf
@@ -38,14 +39,20 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
 
 
 def gguf_tensors(hf_model, arch: str) -> dict[str, np.ndarray]:
-    """GGUF name -> fp32 array (GGUF row order) of an HF Llama/Qwen2 state dict."""
+    """GGUF name -> fp32 array (GGUF row order) of an HF Llama/Qwen2/Phi-3 state dict (Phi-3 as llama.cpp's
+    Phi3MiniModel converter writes it: fused attn_qkv, ffn_up holding gate|up, LongRoPE factor tensors)."""
     cfg, sd = hf_model.config, {k: v.detach().float().numpy() for k, v in hf_model.state_dict().items()}
     out = {"token_embd.weight": sd["model.embed_tokens.weight"], "output_norm.weight": sd["model.norm.weight"]}
     if not cfg.tie_word_embeddings:
         out["output.weight"] = sd["lm_head.weight"]
     names = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.qkv_proj": "attn_qkv", "mlp.gate_up_proj": "ffn_up"}
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if arch == "phi3" and rope.get("rope_type") == "longrope":
+        out["rope_factors_long.weight"] = np.asarray(rope["long_factor"], np.float32)
+        out["rope_factors_short.weight"] = np.asarray(rope["short_factor"], np.float32)
     for i in range(cfg.num_hidden_layers):
         for hf, gg in names.items():
             for suffix in ("weight", "bias"):
@@ -72,6 +79,17 @@ def write_gguf(path, hf_model, arch: str, qtype: str) -> dict[str, np.ndarray]:
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]))
     w.add_vocab_size(cfg.vocab_size)
+    if arch == "phi3":   # the keys llama.cpp's Phi3MiniModel converter writes
+        rope = cfg.rope_parameters
+        head_dim = cfg.hidden_size // cfg.num_attention_heads
+        w.add_rope_dimension_count(int(head_dim * rope.get("partial_rotary_factor", 1.0)))
+        w.add_rope_scaling_orig_ctx_len(cfg.original_max_position_embeddings)
+        w.add_sliding_window(cfg.sliding_window or 0)
+        if rope.get("rope_type") == "longrope":
+            orig = cfg.original_max_position_embeddings
+            scale = cfg.max_position_embeddings / orig
+            w.add_rope_scaling_attn_factors(rope.get("attention_factor") or
+                                            (math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0))
     stored = {}
     for name, value in gguf_tensors(hf_model, arch).items():
         if value.ndim == 2 and qtype != "F32":
@@ -96,7 +114,9 @@ def hf_from_stored(hf_model, stored: dict[str, np.ndarray], arch: str):
     cfg, model = hf_model.config, copy.deepcopy(hf_model)
     names = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
              "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-             "ffn_down": "mlp.down_proj"}
+             "ffn_down": "mlp.down_proj", "attn_qkv": "self_attn.qkv_proj"}
+    if arch == "phi3":
+        names["ffn_up"] = "mlp.gate_up_proj"
     sd = model.state_dict()
     with torch.no_grad():
         for name, value in stored.items():

@@ -14,6 +14,8 @@ TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_lay
             rms_norm_eps=1e-5)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 500000.0}
+PHI3_LONGROPE = {"rope_type": "longrope", "rope_theta": 10000.0, "attention_factor": 1.1,
+                 "short_factor": [1.0 + 0.25 * i for i in range(8)], "long_factor": [2.0 + i for i in range(8)]}
 
 CASES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
@@ -25,6 +27,10 @@ CASES = {
     "mistral": ("MistralConfig", "MistralForCausalLM", {"head_dim": 32}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"vocab_size": 256, "tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24, "num_key_value_heads": 1}),
+    # fused qkv_proj / gate_up_proj in the checkpoint; LongRoPE's short factors and attention factor (full
+    # rotary: the native step runs it too). Longer contexts, partial rotary, sliding window: test_phi3.py
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": None, "original_max_position_embeddings": 128,
+                                               "rope_parameters": PHI3_LONGROPE}),
 }
 
 

@@ -9,8 +9,9 @@ BLOCK_SIZE = 4
 NUM_BLOCKS = 64
 
 
-def naive_attention(q, k, v, scale):
-    """q (n, Hq, D) are the LAST n positions of a context k, v (ctx, Hkv, D). Float64, causal."""
+def naive_attention(q, k, v, scale, window=None):
+    """q (n, Hq, D) are the LAST n positions of a context k, v (ctx, Hkv, D). Float64, causal; with `window`,
+    each query sees only its last `window` positions (itself included)."""
     n, num_heads, _ = q.shape
     ctx, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
@@ -19,6 +20,8 @@ def naive_attention(q, k, v, scale):
     scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale  # (Hq, n, ctx)
     q_pos = torch.arange(ctx - n, ctx)[:, None]
     scores = scores.masked_fill(torch.arange(ctx)[None, :] > q_pos, float("-inf"))
+    if window is not None:
+        scores = scores.masked_fill(torch.arange(ctx)[None, :] <= q_pos - window, float("-inf"))
     return torch.einsum("hqk,khd->qhd", scores.softmax(-1), v)  # (n, Hq, D)
 
 
@@ -68,6 +71,26 @@ def test_paged_attention_matches_naive_fp32(rows, heads, pass_new_kv):
         expected = naive_attention(q[starts[i]:starts[i + 1]], full_k[i], full_v[i], scale)
         torch.testing.assert_close(out[starts[i]:starts[i + 1]].double(), expected,
                                    atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 3, 6, 30])
+@pytest.mark.parametrize("pass_new_kv", [True, False])
+def test_sliding_window_attention_matches_naive(window, pass_new_kv):
+    """transformers' sliding_window: decode rows, whole prompts and chunks over a cached prefix (MIXED)."""
+    q, k, v, k_cache, v_cache, meta, full_k, full_v = make_batch(MIXED, 6, 2, 16, torch.float32)
+    reference.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    kv = (k, v) if pass_new_kv else (None, None)
+    out = reference.paged_attention(q, k_cache, v_cache, meta, 0.25, *kv, window=window)
+    starts = meta.cu_seqlens_q.tolist()
+    for i in range(len(MIXED)):
+        expected = naive_attention(q[starts[i]:starts[i + 1]], full_k[i], full_v[i], 0.25, window)
+        torch.testing.assert_close(out[starts[i]:starts[i + 1]].double(), expected, atol=1e-5, rtol=1e-5)
+    decode_only = build_metadata([1, 1], [c + n for c, n in MIXED[:2]], meta.block_tables[:2].tolist(),
+                                 meta.slot_mapping[:2].tolist(), BLOCK_SIZE, "cpu")   # the all-decode fast path
+    out = reference.paged_attention(q[:2], k_cache, v_cache, decode_only, 0.25, window=window)
+    for i in range(2):
+        expected = naive_attention(q[i:i + 1], full_k[i][:MIXED[i][0] + 1], full_v[i][:MIXED[i][0] + 1], 0.25, window)
+        torch.testing.assert_close(out[i:i + 1].double(), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_paged_attention_bf16_close_to_naive():

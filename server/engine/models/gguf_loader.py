@@ -28,7 +28,9 @@ log = logging.getLogger("berth.engine")
 
 GGUF_LINK = "model.gguf"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "mistral": "MistralForCausalLM"}
+                 "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM"}
+# Phi-3's LongRoPE factors: small F32 tensors in the file, moved into config.json's rope_scaling
+ROPE_FACTOR_TENSORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
 
 
 class GgufError(ValueError):
@@ -54,6 +56,10 @@ def read_metadata(reader) -> dict:
         except Exception:  # noqa: BLE001 - an odd field we do not need
             continue
     out["_vocab_size"] = len(reader.fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in reader.fields else None
+    for tensor in reader.tensors:
+        if tensor.name in ROPE_FACTOR_TENSORS:
+            values = np.asarray(tensor.data, np.float32).reshape(-1)
+            out[f"_{ROPE_FACTOR_TENSORS[tensor.name]}"] = [float(x) for x in values]
     return out
 
 
@@ -86,6 +92,22 @@ def config_from_metadata(meta: dict, tensor_names: set[str]) -> dict:
         raise GgufError(f"GGUF rope scaling {get('rope.scaling.type')!r} is not supported natively")
     if arch == "qwen2":
         config["attention_bias"] = False   # Qwen2's q/k/v bias is implied by model_type
+    if arch == "phi3":   # llama.cpp's Phi3MiniModel converter: fused attn_qkv, ffn_up = gate|up
+        head_dim = config["head_dim"]
+        rotary = int(get("rope.dimension_count", head_dim))
+        if rotary != head_dim:
+            config["partial_rotary_factor"] = rotary / head_dim
+        config["original_max_position_embeddings"] = int(get("rope.scaling.original_context_length",
+                                                             config["max_position_embeddings"]))
+        config["sliding_window"] = int(get("attention.sliding_window", 0)) or None   # 0: none (Phi-4)
+        if "_long_factor" in meta or "_short_factor" in meta:
+            if "_long_factor" not in meta or "_short_factor" not in meta:
+                raise GgufError("GGUF phi3 has only one of rope_factors_long / rope_factors_short")
+            config["rope_scaling"] = {"rope_type": "longrope", "long_factor": meta["_long_factor"],
+                                      "short_factor": meta["_short_factor"],
+                                      "original_max_position_embeddings": config["original_max_position_embeddings"]}
+            if get("rope.scaling.attn_factor") is not None:
+                config["rope_scaling"]["attention_factor"] = float(get("rope.scaling.attn_factor"))
     for name in ("bos", "eos"):
         if f"tokenizer.ggml.{name}_token_id" in meta:
             config[f"{name}_token_id"] = int(meta[f"tokenizer.ggml.{name}_token_id"])
@@ -398,11 +420,15 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     for i, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
-        q, k, v = (tensors.get(f"blk.{i}.attn_{x}.weight") for x in "qkv")
-        q_order = _reverse_permute_rows(tensors.rows_of(q), heads) if arch == "llama" else None
-        k_order = _reverse_permute_rows(tensors.rows_of(k), kv_heads) if arch == "llama" else None
-        total += _set_linear(attn.qkv_proj, [tensors.rows(q, q_order), tensors.rows(k, k_order), tensors.rows(v)],
-                             dense_dtype, tensors, (q, k, v))
+        qkv = tensors.get(f"blk.{i}.attn_qkv.weight", required=False)   # Phi-3: q|k|v rows already fused
+        if qkv is not None:
+            total += _set_linear(attn.qkv_proj, [tensors.rows(qkv)], dense_dtype, tensors, (qkv,))
+        else:
+            q, k, v = (tensors.get(f"blk.{i}.attn_{x}.weight") for x in "qkv")
+            q_order = _reverse_permute_rows(tensors.rows_of(q), heads) if arch == "llama" else None
+            k_order = _reverse_permute_rows(tensors.rows_of(k), kv_heads) if arch == "llama" else None
+            total += _set_linear(attn.qkv_proj, [tensors.rows(q, q_order), tensors.rows(k, k_order),
+                                                 tensors.rows(v)], dense_dtype, tensors, (q, k, v))
         if attn.qkv_proj.bias is not None:
             bq, bk, bv = (tensors.vector(f"blk.{i}.attn_{x}.bias") for x in "qkv")
             if arch == "llama":
@@ -410,8 +436,11 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
             attn.qkv_proj.bias = nn.Parameter(torch.cat([bq, bk, bv]), requires_grad=False)
         names = [f"blk.{i}.{x}.weight" for x in ("attn_output", "ffn_gate", "ffn_up", "ffn_down")]
         total += _set_linear(attn.o_proj, [tensors.rows(names[0])], dense_dtype, tensors, names[:1])
-        total += _set_linear(mlp.gate_up_proj, [tensors.rows(names[1]), tensors.rows(names[2])], dense_dtype,
-                             tensors, names[1:3])
+        if arch == "phi3":   # no ffn_gate: ffn_up holds gate|up (2 x intermediate rows)
+            total += _set_linear(mlp.gate_up_proj, [tensors.rows(names[2])], dense_dtype, tensors, names[2:3])
+        else:
+            total += _set_linear(mlp.gate_up_proj, [tensors.rows(names[1]), tensors.rows(names[2])], dense_dtype,
+                                 tensors, names[1:3])
         total += _set_linear(mlp.down_proj, [tensors.rows(names[3])], dense_dtype, tensors, names[3:])
         layer.input_layernorm.weight = nn.Parameter(tensors.vector(f"blk.{i}.attn_norm.weight"), requires_grad=False)
         layer.post_attention_layernorm.weight = nn.Parameter(tensors.vector(f"blk.{i}.ffn_norm.weight"),

@@ -1,10 +1,23 @@
-"""Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3) over berth's paged KV cache.
+"""Llama-family decoder (Llama, SmolLM, Mistral, Qwen2, Qwen3, Phi-3) over berth's paged KV cache.
 
 Parameter names follow the HF checkpoints except the fused projections (`qkv_proj` = q, k, v
 rows concatenated; `gate_up_proj` = gate, up), which weights.py fills shard by shard
-(nano-vllm's packed_modules_mapping).
-NOTE: sliding-window attention (Mistral, some Qwen2/3 configs) is ignored: every layer attends
-to the full context. Outputs match HF exactly while sequences stay within the window.
+(nano-vllm's packed_modules_mapping), or whole where the checkpoint already stores them fused (Phi-3).
+NOTE: sliding-window attention is applied for Phi-3 only (transformers' Phi3 masks it); for Mistral and
+Qwen2/3 configs it is ignored: every layer attends to the full context, so outputs match HF exactly while
+sequences stay within the window.
+
+Phi-3 (Phi3ForCausalLM): the Llama layer with partial rotary embeddings (partial_rotary_factor: RoPE on the
+first rotary_dim dimensions of each head, Phi-4-mini) and LongRoPE scaling. transformers picks LongRoPE's
+long or short factors per forward pass (long once the sequence exceeds original_max_position_embeddings,
+recomputing the whole cache at the switch); a paged cache shared by a batch cannot re-rotate its keys, so
+berth picks once per model, as vLLM and llama.cpp do: long factors when max_model_len (max_positions)
+exceeds original_max_position_embeddings, else short. Outputs equal transformers' for every sequence when
+max_model_len <= original_max_position_embeddings, and for sequences longer than it otherwise; a shorter
+sequence under a longer max_model_len gets the long factors where transformers would use the short ones.
+The C++ step (kernels/cpu_model.cpp) rotates whole heads and attends to the whole context: a model with
+partial rotary embeddings never uses it, a model with a sliding window only for steps whose contexts
+all fit in the window (LlamaForCausalLM._native_model).
 """
 from __future__ import annotations
 
@@ -22,28 +35,63 @@ from kernels.quant import (NATIVE_MAX_K, Int4Weight, Int8Weight, Q8Weight, int4_
 from kernels.metadata import AttentionMetadata
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM"}
-SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
-SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3"}
+                           "Qwen3ForCausalLM", "Phi3ForCausalLM"}
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3", "longrope"}
 
 
 def rope_parameters(config) -> dict:
     """RoPE settings as transformers 5 stores them (config.rope_parameters, with rope_theta
-    inside), falling back to the 4.x fields (rope_scaling + rope_theta)."""
+    inside), falling back to the 4.x fields (rope_scaling + rope_theta). LongRoPE gets its
+    original_max_position_embeddings and attention_factor filled in as transformers computes them."""
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
                   or {})
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    if getattr(config, "model_type", None) == "phi3":
+        if params["rope_type"] in ("su", "yarn"):   # Phi3Config's legacy names for LongRoPE
+            params["rope_type"] = "longrope"
+        if params.get("partial_rotary_factor") is None:
+            params["partial_rotary_factor"] = getattr(config, "partial_rotary_factor", None) or 1.0
+    if params["rope_type"] == "longrope":
+        # the config's own field first, as transformers' standardize_rope_params (Phi-3 keeps it there)
+        original = (getattr(config, "original_max_position_embeddings", None)
+                    or params.get("original_max_position_embeddings") or config.max_position_embeddings)
+        params["original_max_position_embeddings"] = original
+        if params.get("attention_factor") is None:   # _compute_longrope_parameters' default
+            factor = params.get("factor") or config.max_position_embeddings / original
+            params["attention_factor"] = (1.0 if factor <= 1.0 else
+                                          math.sqrt(1 + math.log(factor) / math.log(original)))
     return params
+
+
+def rotary_dim_of(config) -> int:
+    """Dimensions of each head that RoPE rotates: all of them, except Phi-3's partial_rotary_factor."""
+    head_dim = head_dim_of(config)
+    if getattr(config, "model_type", None) != "phi3":
+        return head_dim
+    return int(head_dim * rope_parameters(config)["partial_rotary_factor"])
+
+
+def sliding_window_of(config) -> int | None:
+    """The attention window berth applies (Phi-3 only: see the module docstring), or None."""
+    if getattr(config, "model_type", None) != "phi3":
+        return None
+    return getattr(config, "sliding_window", None) or None
 
 
 def is_supported(config) -> bool:
     """True for a Llama-family architecture (by `architectures`, else by `model_type`) whose
-    RoPE type we implement."""
+    RoPE type we implement (LongRoPE: Phi-3 only, the one family it is checked against)."""
     architectures = getattr(config, "architectures", None)
     known = (any(a in SUPPORTED_ARCHITECTURES for a in architectures) if architectures
              else getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES)
-    return known and rope_parameters(config)["rope_type"] in SUPPORTED_ROPE_TYPES
+    rope_type = rope_parameters(config)["rope_type"]
+    if not known or rope_type not in SUPPORTED_ROPE_TYPES or (
+            rope_type == "longrope" and getattr(config, "model_type", None) != "phi3"):
+        return False
+    rotary_dim = rotary_dim_of(config)
+    return 0 < rotary_dim <= head_dim_of(config) and rotary_dim % 2 == 0
 
 
 def head_dim_of(config) -> int:
@@ -135,11 +183,15 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """Rotate-half RoPE (HF layout) with a cos|sin cache (max_positions, head_dim) built once."""
+    """Rotate-half RoPE (HF layout) with a cos|sin cache (max_positions, head_dim) built once.
+    `head_dim` is the rotated width (Phi-3's rotary_dim where only part of each head rotates).
+    LongRoPE: the factors set chosen by `long_factors` (see the module docstring), and cos and sin
+    both scaled by its attention_factor, as transformers scales them."""
 
-    def __init__(self, head_dim: int, max_positions: int, params: dict):
+    def __init__(self, head_dim: int, max_positions: int, params: dict, long_factors: bool = False):
         super().__init__()
         self.head_dim, self.max_positions, self.params = head_dim, max_positions, params
+        self.long_factors = long_factors
         self.register_buffer("cos_sin_cache", self._compute_cache(), persistent=False)
 
     def rebuild(self, dtype: torch.dtype, device) -> None:
@@ -147,23 +199,30 @@ class RotaryEmbedding(nn.Module):
         self.cos_sin_cache = self._compute_cache(device).to(dtype)
 
     def _compute_cache(self, device=None) -> Tensor:
-        inv_freq = rope_inv_freq(self.head_dim, self.params, device)  # (D/2,)
+        inv_freq = rope_inv_freq(self.head_dim, self.params, device, self.long_factors)  # (D/2,)
         t = torch.arange(self.max_positions, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv_freq)  # (P, D/2)
-        return torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # (P, D)
+        cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # (P, D)
+        if self.params["rope_type"] == "longrope" and self.params["attention_factor"] != 1.0:
+            cache = cache * self.params["attention_factor"]
+        return cache
 
     def lookup(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         cos, sin = self.cos_sin_cache[positions].chunk(2, dim=-1)  # (T, D/2) each
         return cos.unsqueeze(1), sin.unsqueeze(1)  # (T, 1, D/2)
 
 
-def rope_inv_freq(head_dim: int, params: dict, device=None) -> Tensor:
-    """Inverse frequencies for rope_type default / linear / llama3 (transformers' formulas)."""
+def rope_inv_freq(head_dim: int, params: dict, device=None, long_factors: bool = False) -> Tensor:
+    """Inverse frequencies for rope_type default / linear / llama3 / longrope (transformers' formulas)."""
     exponent = torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim
     inv_freq = 1.0 / (params["rope_theta"] ** exponent)  # (D/2,)
     if params.get("freq_factors") is not None:  # a GGUF's rope_freqs tensor (Llama 3.1's scaling, precomputed)
         return inv_freq / torch.as_tensor(params["freq_factors"], dtype=torch.float32, device=device)
     rope_type = params["rope_type"]
+    if rope_type == "longrope":
+        ext = torch.tensor(params["long_factor" if long_factors else "short_factor"], dtype=torch.float32,
+                           device=device)
+        return 1.0 / (ext * params["rope_theta"] ** exponent)
     if rope_type == "linear":
         return inv_freq / params["factor"]
     if rope_type != "llama3":
@@ -180,7 +239,11 @@ def rope_inv_freq(head_dim: int, params: dict, device=None) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (T, H, D), cos/sin (T, 1, D/2) -> rotated (T, H, D), rotate-half convention."""
+    """x (T, H, D), cos/sin (T, 1, D/2) -> rotated (T, H, D), rotate-half convention. With cos/sin
+    narrower than D/2 (partial rotary), only the first 2 * cos.shape[-1] dimensions rotate."""
+    rotary_dim = 2 * cos.shape[-1]
+    if rotary_dim != x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rotary_dim], cos, sin), x[..., rotary_dim:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
@@ -197,6 +260,7 @@ class Attention(nn.Module):
         qkv_bias = attention_bias or config.model_type == "qwen2"
         self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias)
         self.o_proj = Linear(q_size, [config.hidden_size], bias=attention_bias)
+        self.sliding_window = sliding_window_of(config)
         self.has_qk_norm = config.model_type == "qwen3"
         if self.has_qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -216,7 +280,8 @@ class Attention(nn.Module):
         v = qkv[:, num_qk_heads:]  # (T, Hkv, D)
         k_cache, v_cache = kv_cache
         kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = kernels.paged_attention(q, k_cache, v_cache, meta, self.scale, k, v)  # (T, Hq, D)
+        out = kernels.paged_attention(q, k_cache, v_cache, meta, self.scale, k, v,
+                                      window=self.sliding_window)  # (T, Hq, D)
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
@@ -260,7 +325,11 @@ class LlamaModel(nn.Module):
                                                 requires_grad=False)
         self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.rotary_emb = RotaryEmbedding(head_dim_of(config), max_positions, rope_parameters(config))
+        params = rope_parameters(config)
+        # LongRoPE's factors, once per model (module docstring): long when a sequence may outgrow the original length
+        long_factors = (params["rope_type"] == "longrope" and
+                        min(max_positions, config.max_position_embeddings) > params["original_max_position_embeddings"])
+        self.rotary_emb = RotaryEmbedding(rotary_dim_of(config), max_positions, params, long_factors)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -281,9 +350,13 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head.weight = (self.model.embed_tokens.weight if self.tie_word_embeddings else
                                nn.Parameter(torch.empty(config.vocab_size, config.hidden_size),
                                             requires_grad=False))
+        # what the C++ step computes exactly: whole-head RoPE (cos|sin rows of head_dim) and attention over
+        # the whole context (a sliding window only matters once a context outgrows it: see _native_model)
+        self.native_capable = rotary_dim_of(config) == head_dim_of(config)
+        self.sliding_window = sliding_window_of(config)
 
     # CPU fp32 steps (decode, prefill or mixed) run every layer in one C++ call (kernels/native.py)
-    # unless this is False.
+    # unless this is False (or the model is not native_capable).
     native_step = True
 
     @torch.inference_mode()
@@ -293,7 +366,7 @@ class LlamaForCausalLM(nn.Module):
         x = embed(input_ids) if embed is not None else F.embedding(input_ids, self.model.embed_tokens.weight)
         if x.dtype != self.model.norm.weight.dtype:   # bf16 weights as stored, fp32 compute
             x = x.to(self.model.norm.weight.dtype)
-        native_model = self._native_model(x, kv_caches)
+        native_model = self._native_model(x, kv_caches, meta)
         if native_model is not None:
             return native_model.forward(x, positions, self.model.rotary_emb.cos_sin_cache, kv_caches,  # final norm included
                                         meta.block_tables, meta.token_rows, QUANTIZED_MAX_ROWS)  # (T, hidden)
@@ -323,10 +396,14 @@ class LlamaForCausalLM(nn.Module):
         hidden = self.lm_head.weight.shape[1]
         self._lm_head_q8 = quantize_q8(self.lm_head.weight) if hidden % 32 == 0 and hidden <= NATIVE_MAX_K else None
 
-    def _native_model(self, x: Tensor, kv_caches: list[tuple[Tensor, Tensor]]):
-        """The C++ model when this step can use it: fp32 on the CPU, extension built."""
+    def _native_model(self, x: Tensor, kv_caches: list[tuple[Tensor, Tensor]], meta: AttentionMetadata):
+        """The C++ model when this step can use it: fp32 on the CPU, extension built, and the C++ math
+        exact for this model and step (whole-head RoPE; no context longer than a sliding window)."""
         if not (self.native_step and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] > 0
                 and kv_caches[0][0].dtype == torch.float32):
+            return None
+        if not getattr(self, "native_capable", True) or (
+                getattr(self, "sliding_window", None) is not None and meta.max_context_len > self.sliding_window):
             return None
         if getattr(self, "_native", None) is None:
             ext = native.load()

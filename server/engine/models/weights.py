@@ -41,9 +41,9 @@ def build_model(folder: str, dtype: torch.dtype, device, max_positions: int | No
 def load_weights(model: LlamaForCausalLM, folder: str, dtype: torch.dtype | None = None, device="cpu",
                  quantization: str = "none", keep_stored_dtype: bool = False) -> None:
     """Read every tensor of folder/*.safetensors into `model`. q/k/v and gate/up go into their shard of
-    the fused parameter. Parameters still on the meta device are materialised on first write (dtype: see
-    build_model). Unknown tensors, shape mismatches and parameters (or shards) left unloaded raise
-    ValueError naming them."""
+    the fused parameter; a checkpoint's own fused qkv_proj / gate_up_proj (Phi-3) fills all its shards.
+    Parameters still on the meta device are materialised on first write (dtype: see build_model). Unknown
+    tensors, shape mismatches and parameters (or shards) left unloaded raise ValueError naming them."""
     files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
     if not files:
         raise ValueError(f"no *.safetensors files in {folder}")
@@ -56,9 +56,9 @@ def load_weights(model: LlamaForCausalLM, folder: str, dtype: torch.dtype | None
                     continue
                 if model.tie_word_embeddings and name == "lm_head.weight":
                     continue  # tied: the embedding holds these values
-                target, shard = _load_tensor(model, params, name, f.get_tensor(name), dtype, device,
-                                             keep_stored_dtype)
-                loaded.add((target, shard))
+                target, shards = _load_tensor(model, params, name, f.get_tensor(name), dtype, device,
+                                              keep_stored_dtype)
+                loaded.update((target, shard) for shard in shards)
                 if quantization in ("int8", "int4"):
                     _quantize_when_complete(model, target, loaded, quantization)
     _check_complete(model, params, loaded)
@@ -79,7 +79,8 @@ def _quantize_when_complete(model, target: str, loaded: set, method: str) -> Non
 
 def _load_tensor(model: LlamaForCausalLM, params: dict, name: str, tensor: torch.Tensor,
                  dtype: torch.dtype | None = None, device="cpu", keep_stored_dtype: bool = False
-                 ) -> tuple[str, int]:
+                 ) -> tuple[str, range]:
+    """Copy one checkpoint tensor into its parameter; returns (parameter name, the shards it filled)."""
     target, shard_id = _target_of(model, name)
     param = params.get(target)
     if param is None:
@@ -94,17 +95,20 @@ def _load_tensor(model: LlamaForCausalLM, params: dict, name: str, tensor: torch
         current = torch.nn.Parameter(torch.empty(current.shape, dtype=want, device=device), requires_grad=False)
         setattr(module, attr, current)
         params[target] = current
-    rows = _shard_rows(model, target, shard_id)
+    shard_sizes = getattr(model.get_submodule(module_name), "shard_sizes", [None])
+    fused = target == name and len(shard_sizes) > 1   # the checkpoint's own fused tensor: every shard at once
+    rows = None if fused else _shard_rows(model, target, shard_id)
     dest = current.data if rows is None else current.data[rows[0]:rows[1]]
     if dest.shape != tensor.shape:
         raise ValueError(f"shape mismatch for {name!r}: checkpoint {tuple(tensor.shape)}, "
                          f"model {tuple(dest.shape)}")
     dest.copy_(tensor)
-    return target, shard_id
+    return target, (range(len(shard_sizes)) if fused else range(shard_id, shard_id + 1))
 
 
 def _target_of(model: LlamaForCausalLM, name: str) -> tuple[str, int]:
-    """'...self_attn.k_proj.weight' -> ('...self_attn.qkv_proj.weight', 1); others -> (name, 0)."""
+    """'...self_attn.k_proj.weight' -> ('...self_attn.qkv_proj.weight', 1); others (including an already
+    fused '...qkv_proj.weight') -> (name, 0)."""
     for part, (packed, shard_id) in model.packed_modules_mapping.items():
         if f".{part}." in name:
             return name.replace(f".{part}.", f".{packed}."), shard_id
