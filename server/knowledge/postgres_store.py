@@ -39,6 +39,9 @@ SCHEMA = [
 
 
 class PostgresStore(Store):
+    WORD_INDEX = "tsv"
+    GRAM_INDEX = "grams"
+
     def __init__(self, url: str):
         # autocommit: transactions are explicit (conn.transaction()), so no connection idles in one
         self.connections = ThreadConnections(lambda: psycopg.connect(url, autocommit=True),
@@ -69,20 +72,6 @@ class PostgresStore(Store):
             "DELETE FROM knowledge_documents WHERE name = %s OR doc_id = %s", (name_or_id, name_or_id))
         return cur.rowcount > 0
 
-    def documents(self) -> list[DocumentInfo]:
-        rows = self.connections.get().execute(
-            "SELECT doc_id, name, num_chunks, num_bytes, added_at FROM knowledge_documents ORDER BY name")
-        return [DocumentInfo(*row) for row in rows]
-
-    def count_chunks(self) -> int:
-        return self.connections.get().execute("SELECT count(*) FROM knowledge_chunks").fetchone()[0]
-
-    def search_words(self, words: tuple[str, ...], limit: int) -> list[Hit]:
-        return self._match("tsv", words, limit) if words else []
-
-    def search_grams(self, grams: tuple[str, ...], limit: int) -> list[Hit]:
-        return self._match("grams", grams, limit) if grams else []
-
     def _match(self, column: str, terms: tuple[str, ...], limit: int) -> list[Hit]:
         """BM25's idea on tsvectors: each term's ts_rank (length-normalised) weighted by its inverse
         document frequency, summed. NOTE: ts_rank_cd alone gives a word in most chunks ("function",
@@ -107,5 +96,3 @@ class PostgresStore(Store):
             [x for pair in weighted for x in pair] + [limit])
         return hits_from_rows(rows)
 
-    def close(self) -> None:
-        self.connections.close()

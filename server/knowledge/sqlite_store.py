@@ -43,6 +43,9 @@ END;
 
 
 class SqliteStore(Store):
+    WORD_INDEX = "knowledge_words"
+    GRAM_INDEX = "knowledge_cjk"
+
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,20 +83,6 @@ class SqliteStore(Store):
             conn.execute("DELETE FROM knowledge_documents WHERE doc_id = ?", row)
             return True
 
-    def documents(self) -> list[DocumentInfo]:
-        rows = self.connections.get().execute(
-            "SELECT doc_id, name, num_chunks, num_bytes, added_at FROM knowledge_documents ORDER BY name")
-        return [DocumentInfo(*row) for row in rows]
-
-    def count_chunks(self) -> int:
-        return self.connections.get().execute("SELECT count(*) FROM knowledge_chunks").fetchone()[0]
-
-    def search_words(self, words: tuple[str, ...], limit: int) -> list[Hit]:
-        return self._match("knowledge_words", words, limit) if words else []
-
-    def search_grams(self, grams: tuple[str, ...], limit: int) -> list[Hit]:
-        return self._match("knowledge_cjk", grams, limit) if grams else []
-
     def _match(self, index: str, terms: tuple[str, ...], limit: int) -> list[Hit]:
         rows = self.connections.get().execute(
             f"SELECT c.chunk_id, d.name, c.text, -bm25({index}) FROM {index} "
@@ -102,8 +91,6 @@ class SqliteStore(Store):
             (fts_query(terms), limit))
         return hits_from_rows(rows)
 
-    def close(self) -> None:
-        self.connections.close()
 
 
 def fts_query(terms: tuple[str, ...]) -> str:

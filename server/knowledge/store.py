@@ -23,6 +23,12 @@ C = TypeVar("C")
 
 
 class Store(ABC):
+    """A backend's SQL differs in its writes and its ranking (_match); the reads are shared. A subclass
+    sets `connections` (ThreadConnections) and names its word and CJK indexes (a table or a column)."""
+    connections: "ThreadConnections"
+    WORD_INDEX: str
+    GRAM_INDEX: str
+
     @abstractmethod
     def put(self, doc: DocumentInfo, chunks: list[str]) -> None:
         """Add `doc` with its chunks, replacing any document of the same name, in one transaction."""
@@ -32,22 +38,28 @@ class Store(ABC):
         """Remove the document with this name or doc_id and its chunks; False if there was none."""
 
     @abstractmethod
+    def _match(self, index: str, terms: tuple[str, ...], limit: int) -> list[Hit]:
+        """Chunks matching any of terms in `index`, best first."""
+
     def documents(self) -> list[DocumentInfo]:
         """All documents, by name."""
+        rows = self.connections.get().execute(
+            "SELECT doc_id, name, num_chunks, num_bytes, added_at FROM knowledge_documents ORDER BY name")
+        return [DocumentInfo(*row) for row in rows]
 
-    @abstractmethod
-    def count_chunks(self) -> int: ...
+    def count_chunks(self) -> int:
+        return self.connections.get().execute("SELECT count(*) FROM knowledge_chunks").fetchone()[0]
 
-    @abstractmethod
     def search_words(self, words: tuple[str, ...], limit: int) -> list[Hit]:
         """Chunks matching any of the (already safe, lowercased) words, best first."""
+        return self._match(self.WORD_INDEX, words, limit) if words else []
 
-    @abstractmethod
     def search_grams(self, grams: tuple[str, ...], limit: int) -> list[Hit]:
         """Chunks containing any of the CJK substrings, best first."""
+        return self._match(self.GRAM_INDEX, grams, limit) if grams else []
 
-    @abstractmethod
-    def close(self) -> None: ...
+    def close(self) -> None:
+        self.connections.close()
 
 
 class ThreadConnections(Generic[C]):
