@@ -4,7 +4,7 @@ flash-attn on CUDA when a CUDA device exists and `flash_attn` imports; the pure-
 otherwise. Both bind the same names:
 
     store_kv(k, v, k_cache, v_cache, slot_mapping) -> None
-    paged_attention(q, k_cache, v_cache, meta, scale, k=None, v=None, window=None) -> Tensor
+    paged_attention(q, k_cache, v_cache, meta, scale, k=None, v=None, window=None, softcap=None) -> Tensor
 """
 from __future__ import annotations
 

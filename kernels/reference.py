@@ -22,27 +22,30 @@ def store_kv(k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor, slot_mappin
 
 def paged_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
                     scale: float, k: Tensor | None = None, v: Tensor | None = None,
-                    window: int | None = None) -> Tensor:
+                    window: int | None = None, softcap: float | None = None) -> Tensor:
     """Causal attention of each sequence's new queries q (T, Hq, D) over its whole context in
     the paged cache (store_kv must already have run). Optional k, v (T, Hkv, D) are this step's
     new keys/values: rows without a cached prefix then skip the cache gather. `window`: sliding-window
     attention as transformers' `sliding_window` masks it (the query at position p sees keys p - window + 1
-    .. p); None, or no context longer than the window, is plain causal attention. Returns (T, Hq, D)."""
+    .. p); None, or no context longer than the window, is plain causal attention. `softcap` (Gemma 2's
+    attn_logit_softcapping): scores become tanh(scores / softcap) * softcap before the mask and softmax, as
+    transformers' eager attention computes them (an explicit matmul-softmax path: SDPA has no soft-capping).
+    Returns (T, Hq, D)."""
     if window is not None and meta.max_context_len <= window:
         window = None
     num_decode = meta.num_decode_seqs
     if num_decode and num_decode == q.shape[0]:
-        return _decode(q, k_cache, v_cache, meta, scale, window)
+        return _decode(q, k_cache, v_cache, meta, scale, window, softcap)
     out = torch.empty_like(q)
     if num_decode:
-        out[:num_decode] = _decode(q[:num_decode], k_cache, v_cache, meta, scale, window)
+        out[:num_decode] = _decode(q[:num_decode], k_cache, v_cache, meta, scale, window, softcap)
     for span in meta.prefill_spans:
-        out[span.q_start:span.q_end] = _prefill(q, k_cache, v_cache, span, scale, k, v, window)
+        out[span.q_start:span.q_end] = _prefill(q, k_cache, v_cache, span, scale, k, v, window, softcap)
     return out
 
 
 def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata,
-            scale: float, window: int | None = None) -> Tensor:
+            scale: float, window: int | None = None, softcap: float | None = None) -> Tensor:
     """All one-token rows in one SDPA: the group of query heads sharing a KV head acts as the
     query-length axis, so no causal mask is needed, only the context-length mask."""
     num_seqs, num_heads, head_dim = q.shape
@@ -51,6 +54,10 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata
     k = _gather_blocks(k_cache, meta.decode_block_ids).view(num_seqs, -1, num_kv_heads, head_dim)
     v = _gather_blocks(v_cache, meta.decode_block_ids).view(num_seqs, -1, num_kv_heads, head_dim)
     mask = meta.decode_mask if window is None else _window_decode_mask(meta, window)
+    if softcap is not None:
+        out = _softcapped(q.view(num_seqs, num_kv_heads, group, head_dim), k.transpose(1, 2), v.transpose(1, 2),
+                          mask, scale, softcap)  # (Bd, Hkv, g, D)
+        return out.reshape(num_seqs, num_heads, head_dim)
     out = F.scaled_dot_product_attention(
         q.view(num_seqs, num_kv_heads, group, head_dim),  # (Bd, Hkv, g, D)
         k.transpose(1, 2), v.transpose(1, 2),  # (Bd, Hkv, L, D)
@@ -59,7 +66,8 @@ def _decode(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata
 
 
 def _prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, span: PrefillSpan, scale: float,
-             k: Tensor | None, v: Tensor | None, window: int | None = None) -> Tensor:
+             k: Tensor | None, v: Tensor | None, window: int | None = None,
+             softcap: float | None = None) -> Tensor:
     q_span = q[span.q_start:span.q_end]  # (n, Hq, D)
     if span.causal_mask is None and k is not None:
         k_span, v_span = k[span.q_start:span.q_end], v[span.q_start:span.q_end]  # (n, Hkv, D)
@@ -69,7 +77,7 @@ def _prefill(q: Tensor, k_cache: Tensor, v_cache: Tensor, span: PrefillSpan, sca
     mask = span.causal_mask
     if window is not None and span.context_len > window:
         mask = _window_prefill_mask(span, window, q.device)
-    return _sdpa_gqa(q_span, k_span, v_span, mask, scale)
+    return _sdpa_gqa(q_span, k_span, v_span, mask, scale, softcap)
 
 
 def _window_decode_mask(meta: AttentionMetadata, window: int) -> Tensor:
@@ -103,11 +111,42 @@ def _gather_blocks(cache: Tensor, block_ids: Tensor) -> Tensor:
     return cache.view(cache.shape[0], -1).index_select(0, block_ids)
 
 
-def _sdpa_gqa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float) -> Tensor:
+SOFTCAP_MAX_SCORES = 1 << 24   # score elements (64 MiB in fp32) one _softcapped product may hold at a time
+
+
+def _softcapped(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, softcap: float) -> Tensor:
+    """Attention with soft-capped scores: q (..., M, D), k/v (..., L, D) with the same leading dims, mask
+    broadcastable to (..., M, L) bool (True = attend) or None. Softmax in fp32, as transformers' eager path.
+    The scores are materialised (SDPA has no soft-capping), so long prefills go SOFTCAP_MAX_SCORES at a time."""
+    rows = q.shape[-2]
+    step = max(1, SOFTCAP_MAX_SCORES // max(1, q[..., :1, :1].numel() * k.shape[-2]))
+    if rows > step:
+        out = q.new_empty(*q.shape[:-1], v.shape[-1])
+        for i in range(0, rows, step):
+            part = None if mask is None else (mask if mask.shape[-2] == 1 else mask[..., i:i + step, :])
+            out[..., i:i + step, :] = _softcapped(q[..., i:i + step, :], k, v, part, scale, softcap)
+        return out
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).div_(softcap).tanh_().mul_(softcap)  # (..., M, L)
+    if mask is not None:
+        scores = scores.masked_fill_(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    return torch.matmul(probs, v)
+
+
+def _sdpa_gqa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float,
+              softcap: float | None = None) -> Tensor:
     """q (n, Hq, D), k/v (ctx, Hkv, D); causal (is_causal when mask is None). Returns (n, Hq, D)."""
     n, num_heads, head_dim = q.shape
     ctx, num_kv_heads = k.shape[0], k.shape[1]
     group = num_heads // num_kv_heads
+    if softcap is not None:
+        # the query heads sharing a KV head become extra query rows (Hkv, g * n, D): one bmm per KV head, no
+        # copy of the keys per query head
+        q3 = q.view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3).reshape(num_kv_heads, group * n, head_dim)
+        if mask is None:   # no cached prefix: n == ctx, plain causal
+            mask = torch.ones(n, ctx, dtype=torch.bool, device=q.device).tril_()
+        out = _softcapped(q3, k.permute(1, 0, 2), v.permute(1, 0, 2), mask.repeat(group, 1), scale, softcap)
+        return out.view(num_kv_heads, group, n, head_dim).permute(2, 0, 1, 3).reshape(n, num_heads, head_dim)
     q4 = q.view(n, num_kv_heads, group, head_dim).permute(1, 2, 0, 3)  # (Hkv, g, n, D)
     k4 = k.permute(1, 0, 2)[:, None].expand(num_kv_heads, group, ctx, head_dim)  # (Hkv, g, ctx, D)
     v4 = v.permute(1, 0, 2)[:, None].expand(num_kv_heads, group, ctx, head_dim)

@@ -123,7 +123,8 @@ class Engine:
                      rotary.params["original_max_position_embeddings"])
         if native_step and not getattr(model, "native_capable", True):
             native_step = False
-            log.info("partial rotary embeddings: every step runs the PyTorch path (the native step rotates whole heads)")
+            log.info("%s: every step runs the PyTorch path (the native step cannot compute them exactly)",
+                     getattr(model, "native_reason", "partial rotary embeddings"))
         stored_dtype = model.model.layers[0].mlp.down_proj.weight.dtype
         weights = "GGUF types" if is_gguf else (f"{quantization} weights" if quantization in ("int8", "int4")
                                                  else f"{str(stored_dtype).removeprefix('torch.')} weights")

@@ -9,15 +9,18 @@ BLOCK_SIZE = 4
 NUM_BLOCKS = 64
 
 
-def naive_attention(q, k, v, scale, window=None):
+def naive_attention(q, k, v, scale, window=None, softcap=None):
     """q (n, Hq, D) are the LAST n positions of a context k, v (ctx, Hkv, D). Float64, causal; with `window`,
-    each query sees only its last `window` positions (itself included)."""
+    each query sees only its last `window` positions (itself included); with `softcap`, scores become
+    tanh(scores / softcap) * softcap before the mask (transformers' eager Gemma 2 attention)."""
     n, num_heads, _ = q.shape
     ctx, num_kv_heads, _ = k.shape
     group = num_heads // num_kv_heads
     k = k.double().repeat_interleave(group, dim=1)  # (ctx, Hq, D)
     v = v.double().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale  # (Hq, n, ctx)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     q_pos = torch.arange(ctx - n, ctx)[:, None]
     scores = scores.masked_fill(torch.arange(ctx)[None, :] > q_pos, float("-inf"))
     if window is not None:
@@ -90,6 +93,34 @@ def test_sliding_window_attention_matches_naive(window, pass_new_kv):
     out = reference.paged_attention(q[:2], k_cache, v_cache, decode_only, 0.25, window=window)
     for i in range(2):
         expected = naive_attention(q[i:i + 1], full_k[i][:MIXED[i][0] + 1], full_v[i][:MIXED[i][0] + 1], 0.25, window)
+        torch.testing.assert_close(out[i:i + 1].double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("pass_new_kv,max_scores", [(True, None), (False, None), (True, 40)])
+def test_soft_capped_attention_matches_naive(window, pass_new_kv, max_scores, monkeypatch):
+    """Gemma 2's attention logit soft-capping (cap 1.5 on scores of std ~2: the cap matters), with and without a
+    window: decode rows, whole prompts and chunks over a cached prefix, and the all-decode fast path; max_scores
+    40: the scores of a long prefill computed a few query rows at a time."""
+    if max_scores is not None:
+        monkeypatch.setattr(reference, "SOFTCAP_MAX_SCORES", max_scores)
+    q, k, v, k_cache, v_cache, meta, full_k, full_v = make_batch(MIXED, 6, 2, 16, torch.float32)
+    reference.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+    kv = (k, v) if pass_new_kv else (None, None)
+    out = reference.paged_attention(q, k_cache, v_cache, meta, 0.5, *kv, window=window, softcap=1.5)
+    starts = meta.cu_seqlens_q.tolist()
+    for i in range(len(MIXED)):
+        rows = slice(starts[i], starts[i + 1])
+        expected = naive_attention(q[rows], full_k[i], full_v[i], 0.5, window, softcap=1.5)
+        torch.testing.assert_close(out[rows].double(), expected, atol=1e-5, rtol=1e-5)
+        if MIXED[i][0] + MIXED[i][1] > 1:
+            assert (expected - naive_attention(q[rows], full_k[i], full_v[i], 0.5, window)).abs().max() > 1e-2
+    decode_only = build_metadata([1, 1], [c + n for c, n in MIXED[:2]], meta.block_tables[:2].tolist(),
+                                 meta.slot_mapping[:2].tolist(), BLOCK_SIZE, "cpu")
+    out = reference.paged_attention(q[:2], k_cache, v_cache, decode_only, 0.5, window=window, softcap=1.5)
+    for i in range(2):
+        ctx = MIXED[i][0] + 1
+        expected = naive_attention(q[i:i + 1], full_k[i][:ctx], full_v[i][:ctx], 0.5, window, softcap=1.5)
         torch.testing.assert_close(out[i:i + 1].double(), expected, atol=1e-5, rtol=1e-5)
 
 

@@ -28,7 +28,15 @@ log = logging.getLogger("berth.engine")
 
 GGUF_LINK = "model.gguf"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                 "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM"}
+                 "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                 "gemma3": "Gemma3ForCausalLM"}
+MODEL_TYPES = {"gemma3": "gemma3_text"}   # GGUF architecture -> transformers model_type, where they differ
+# llama.cpp's sliding-window layer patterns (llama-model.cpp set_swa_pattern: layer i is local unless
+# i % n == n - 1), used when the file has no attention.sliding_window_pattern
+GEMMA_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
+# llama.cpp's f_attention_scale: the 27B models scale by hidden / heads, the others by head_dim (the
+# query_pre_attn_scalar of their HF configs); recognised, as llama.cpp does, by their layer count
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 # Phi-3's LongRoPE factors: small F32 tensors in the file, moved into config.json's rope_scaling
 ROPE_FACTOR_TENSORS = {"rope_factors_long.weight": "long_factor", "rope_factors_short.weight": "short_factor"}
 
@@ -74,7 +82,7 @@ def config_from_metadata(meta: dict, tensor_names: set[str]) -> dict:
     heads = int(get("attention.head_count"))
     hidden = int(get("embedding_length"))
     config = {
-        "architectures": [ARCHITECTURES[arch]], "model_type": arch,
+        "architectures": [ARCHITECTURES[arch]], "model_type": MODEL_TYPES.get(arch, arch),
         "hidden_size": hidden, "num_hidden_layers": int(get("block_count")),
         "intermediate_size": int(get("feed_forward_length")), "num_attention_heads": heads,
         "num_key_value_heads": int(get("attention.head_count_kv", heads)),
@@ -92,6 +100,9 @@ def config_from_metadata(meta: dict, tensor_names: set[str]) -> dict:
         raise GgufError(f"GGUF rope scaling {get('rope.scaling.type')!r} is not supported natively")
     if arch == "qwen2":
         config["attention_bias"] = False   # Qwen2's q/k/v bias is implied by model_type
+    if arch in GEMMA_SWA_PATTERN:
+        del config["hidden_act"]   # Gemma's is hidden_activation
+        config.update(_gemma_config(arch, get, config))
     if arch == "phi3":   # llama.cpp's Phi3MiniModel converter: fused attn_qkv, ffn_up = gate|up
         head_dim = config["head_dim"]
         rotary = int(get("rope.dimension_count", head_dim))
@@ -112,6 +123,36 @@ def config_from_metadata(meta: dict, tensor_names: set[str]) -> dict:
         if f"tokenizer.ggml.{name}_token_id" in meta:
             config[f"{name}_token_id"] = int(meta[f"tokenizer.ggml.{name}_token_id"])
     return config
+
+
+def _gemma_config(arch: str, get, config: dict) -> dict:
+    """Gemma 2 / 3 fields of config.json from a GGUF written by llama.cpp's converter (Gemma2Model / Gemma3Model),
+    with llama.cpp's defaults where the file is silent. Norm weights in the file hold 1 + weight (the
+    converter adds the 1): the loader turns GemmaRMSNorm's own + 1 off (build_gguf_model)."""
+    layers = config["num_hidden_layers"]
+    pattern = get("attention.sliding_window_pattern")
+    if isinstance(pattern, list):   # one bool per layer: True = sliding window
+        sliding = [bool(x) for x in pattern]
+    else:
+        n = int(pattern or GEMMA_SWA_PATTERN[arch])
+        sliding = [i % n < n - 1 for i in range(layers)]
+    heads, hidden = config["num_attention_heads"], config["hidden_size"]
+    out = {
+        "hidden_activation": "gelu_pytorch_tanh",
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "sliding_window": int(get("attention.sliding_window", 4096)),
+        "layer_types": ["sliding_attention" if s else "full_attention" for s in sliding],
+        "query_pre_attn_scalar": (hidden // heads if layers == GEMMA_27B_LAYERS[arch] else config["head_dim"]),
+    }
+    if arch == "gemma2":   # absent keys: transformers' and llama.cpp's defaults (50, 30)
+        for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if get(key) is not None:
+                out[key] = float(get(key))
+    else:
+        cap = get("final_logit_softcapping")
+        out["final_logit_softcapping"] = float(cap) if cap else None
+        out["rope_local_base_freq"] = float(get("rope.freq_base_swa", 10000.0))   # llama.cpp's local-layer default
+    return out
 
 
 def write_sidecar(gguf: Path, folder: Path) -> Path:
@@ -413,6 +454,7 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
         raise GgufError(f"unsupported model: model_type={config.model_type}")
     tensors = GgufIndex(path)
     arch = config.model_type
+    gemma = arch in ("gemma2", "gemma3_text")
     dense_dtype = None if device.type == "cpu" else torch.bfloat16
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions)
@@ -443,8 +485,14 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
                                  tensors, names[1:3])
         total += _set_linear(mlp.down_proj, [tensors.rows(names[3])], dense_dtype, tensors, names[3:])
         layer.input_layernorm.weight = nn.Parameter(tensors.vector(f"blk.{i}.attn_norm.weight"), requires_grad=False)
-        layer.post_attention_layernorm.weight = nn.Parameter(tensors.vector(f"blk.{i}.ffn_norm.weight"),
-                                                             requires_grad=False)
+        if gemma:   # post_attention_norm, ffn_norm (before the MLP), post_ffw_norm
+            for module, name in ((layer.post_attention_layernorm, "post_attention_norm"),
+                                 (layer.pre_feedforward_layernorm, "ffn_norm"),
+                                 (layer.post_feedforward_layernorm, "post_ffw_norm")):
+                module.weight = nn.Parameter(tensors.vector(f"blk.{i}.{name}.weight"), requires_grad=False)
+        else:
+            layer.post_attention_layernorm.weight = nn.Parameter(tensors.vector(f"blk.{i}.ffn_norm.weight"),
+                                                                 requires_grad=False)
         if attn.has_qk_norm:
             attn.q_norm.weight = nn.Parameter(tensors.vector(f"blk.{i}.attn_q_norm.weight"), requires_grad=False)
             attn.k_norm.weight = nn.Parameter(tensors.vector(f"blk.{i}.attn_k_norm.weight"), requires_grad=False)
@@ -464,7 +512,13 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
     freqs = tensors.get("rope_freqs.weight", required=False)
     if freqs is not None:
         model.model.rotary_emb.params["freq_factors"] = tensors.vector(freqs).tolist()
-    model.model.rotary_emb.rebuild(torch.float32, device)
+    model.model.rebuild_rotary(torch.float32, device)
+    if gemma:   # the file's norm weights already hold 1 + weight (llama.cpp's converter)
+        from server.engine.models.llama import GemmaRMSNorm
+
+        for module in model.modules():
+            if isinstance(module, GemmaRMSNorm):
+                module.unit_offset = False
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left:
         raise GgufError(f"GGUF left {len(left)} parameters unloaded: {left[:4]}")

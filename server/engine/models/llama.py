@@ -18,6 +18,19 @@ sequence under a longer max_model_len gets the long factors where transformers w
 The C++ step (kernels/cpu_model.cpp) rotates whole heads and attends to the whole context: a model with
 partial rotary embeddings never uses it, a model with a sliding window only for steps whose contexts
 all fit in the window (LlamaForCausalLM._native_model).
+
+Gemma 2 (Gemma2ForCausalLM) and Gemma 3 text (Gemma3ForCausalLM, model_type gemma3_text): the same paged
+layer with transformers' Gemma differences: embeddings scaled by sqrt(hidden_size) (rounded to the embedding's
+dtype), RMSNorm computing x * (1 + weight) (GemmaRMSNorm; a GGUF stores 1 + weight already: unit_offset off),
+a GELU-tanh gated MLP, four norms per layer (input, post-attention, pre- and post-feedforward), attention
+scale query_pre_attn_scalar ** -0.5, attention logit soft-capping (Gemma 2: tanh(s / cap) * cap before the
+mask and softmax, in kernels.paged_attention), final logit soft-capping (compute_logits), sliding-window
+layers alternating with global ones per config.layer_types (Gemma 2: every other layer; Gemma 3: five local
+to one global), Gemma 3's q/k norms on each head before RoPE and its two RoPE tables (local layers:
+rope_local_base_freq, unscaled; global layers: rope_theta and their rope scaling, e.g. linear). The C++ step
+runs none of this, so a Gemma model always takes the PyTorch path (native_capable False). NOTE: a local
+layer attends to its window only, but its KV cache keeps every block of the sequence (the same block table
+serves every layer): freeing the blocks that fell out of the window is not done.
 """
 from __future__ import annotations
 
@@ -35,17 +48,54 @@ from kernels.quant import (NATIVE_MAX_K, Int4Weight, Int8Weight, Q8Weight, int4_
 from kernels.metadata import AttentionMetadata
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM", "Phi3ForCausalLM"}
-SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3"}
+                           "Qwen3ForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"}
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"}
 SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3", "longrope"}
+GEMMA_MODEL_TYPES = {"gemma2", "gemma3_text"}
+LAYER_TYPES = ("sliding_attention", "full_attention")
+# MLP activations by config.hidden_activation (Gemma): transformers' ACT2FN names berth computes the same way
+GEMMA_ACTIVATIONS = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu_fast": "tanh", "gelu": "none"}
 
 
-def rope_parameters(config) -> dict:
+def is_gemma(config) -> bool:
+    return getattr(config, "model_type", None) in GEMMA_MODEL_TYPES
+
+
+def layer_types_of(config) -> list[str]:
+    """Each layer's attention type ("sliding_attention" / "full_attention"): config.layer_types, else the
+    default pattern of transformers' configs (Gemma 2: every other layer local; Gemma 3: sliding_window_pattern,
+    6 by default, i.e. five local then one global); every layer "full_attention" for other models."""
+    n = config.num_hidden_layers
+    types = getattr(config, "layer_types", None)
+    if types:
+        return list(types)
+    if not is_gemma(config):
+        return ["full_attention"] * n
+    pattern = 2 if config.model_type == "gemma2" else (getattr(config, "sliding_window_pattern", None) or 6)
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n)]
+
+
+def layer_windows(config) -> list[int | None]:
+    """Each layer's attention window (None: the whole context): Gemma's sliding layers get config.sliding_window,
+    a Phi-3 model its window on every layer (sliding_window_of), other models none."""
+    if not is_gemma(config):
+        return [sliding_window_of(config)] * config.num_hidden_layers
+    window = getattr(config, "sliding_window", None) or None
+    return [window if t == "sliding_attention" else None for t in layer_types_of(config)]
+
+
+def rope_parameters(config, layer_type: str | None = None) -> dict:
     """RoPE settings as transformers 5 stores them (config.rope_parameters, with rope_theta
     inside), falling back to the 4.x fields (rope_scaling + rope_theta). LongRoPE gets its
-    original_max_position_embeddings and attention_factor filled in as transformers computes them."""
-    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
-                  or {})
+    original_max_position_embeddings and attention_factor filled in as transformers computes them.
+    Gemma 3 keeps one set per layer type (transformers 5: rope_parameters[layer_type]; 4.x: the local layers'
+    rope_local_base_freq, unscaled): `layer_type` picks it (None: the global layers')."""
+    raw = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    if any(t in raw for t in LAYER_TYPES):
+        raw = raw.get(layer_type or "full_attention") or {}
+    elif getattr(config, "model_type", None) == "gemma3_text" and layer_type == "sliding_attention":
+        raw = {"rope_type": "default", "rope_theta": getattr(config, "rope_local_base_freq", None) or 10000.0}
+    params = dict(raw)
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
     params["rope_type"] = params.get("rope_type", params.get("type", "default"))
     if getattr(config, "model_type", None) == "phi3":
@@ -81,15 +131,29 @@ def sliding_window_of(config) -> int | None:
 
 
 def is_supported(config) -> bool:
-    """True for a Llama-family architecture (by `architectures`, else by `model_type`) whose
-    RoPE type we implement (LongRoPE: Phi-3 only, the one family it is checked against)."""
+    """True for a Llama-family or Gemma 2/3 architecture (by `architectures`, else by `model_type`) whose
+    RoPE type we implement (LongRoPE: Phi-3 only, the one family it is checked against). Gemma also needs a
+    known MLP activation, causal attention (not use_bidirectional_attention) and known layer types."""
     architectures = getattr(config, "architectures", None)
     known = (any(a in SUPPORTED_ARCHITECTURES for a in architectures) if architectures
              else getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES)
-    rope_type = rope_parameters(config)["rope_type"]
-    if not known or rope_type not in SUPPORTED_ROPE_TYPES or (
-            rope_type == "longrope" and getattr(config, "model_type", None) != "phi3"):
+    if not known:
         return False
+    if is_gemma(config):
+        if (getattr(config, "hidden_activation", None) not in GEMMA_ACTIVATIONS
+                or getattr(config, "use_bidirectional_attention", False)
+                or len(layer_types_of(config)) != config.num_hidden_layers
+                or not set(layer_types_of(config)) <= set(LAYER_TYPES)):
+            return False
+        rope_types = {rope_parameters(config, t)["rope_type"] for t in set(layer_types_of(config))}
+    elif architectures and any(a.startswith("Gemma") for a in architectures):
+        return False   # e.g. Gemma3ForCausalLM over a multimodal gemma3 config: not the text model berth runs
+    else:
+        rope_types = {rope_parameters(config)["rope_type"]}
+    for rope_type in rope_types:
+        if rope_type not in SUPPORTED_ROPE_TYPES or (
+                rope_type == "longrope" and getattr(config, "model_type", None) != "phi3"):
+            return False
     rotary_dim = rotary_dim_of(config)
     return 0 < rotary_dim <= head_dim_of(config) and rotary_dim % 2 == 0
 
@@ -182,6 +246,23 @@ class RMSNorm(nn.Module):
         return self.forward(residual), residual
 
 
+class GemmaRMSNorm(RMSNorm):
+    """Gemma's RMSNorm: x * (1 + weight), computed in fp32 and cast back as transformers does. unit_offset
+    False: the weight already holds 1 + weight (a GGUF: llama.cpp's converter adds the 1)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__(dim, eps)
+        self.unit_offset = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        weight = self.weight.float() + 1.0 if self.unit_offset else self.weight.float()
+        return F.rms_norm(x.float(), self.weight.shape, weight, self.eps).to(x.dtype)
+
+
+def norm_class(config) -> type[RMSNorm]:
+    return GemmaRMSNorm if is_gemma(config) else RMSNorm
+
+
 class RotaryEmbedding(nn.Module):
     """Rotate-half RoPE (HF layout) with a cos|sin cache (max_positions, head_dim) built once.
     `head_dim` is the rotated width (Phi-3's rotary_dim where only part of each head rotates).
@@ -249,22 +330,27 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer_idx: int = 0):
         super().__init__()
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = head_dim_of(config)
-        self.scale = self.head_dim ** -0.5
+        gemma = is_gemma(config)
+        self.scale = (config.query_pre_attn_scalar if gemma else self.head_dim) ** -0.5
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attention_bias = getattr(config, "attention_bias", False)
         qkv_bias = attention_bias or config.model_type == "qwen2"
         self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias)
         self.o_proj = Linear(q_size, [config.hidden_size], bias=attention_bias)
-        self.sliding_window = sliding_window_of(config)
-        self.has_qk_norm = config.model_type == "qwen3"
+        self.layer_type = layer_types_of(config)[layer_idx]
+        self.sliding_window = layer_windows(config)[layer_idx]
+        # transformers applies attn_logit_softcapping in Gemma 2 only (Gemma 3's attention never passes it)
+        self.softcap = (getattr(config, "attn_logit_softcapping", None) or None) if config.model_type == "gemma2" \
+            else None
+        self.has_qk_norm = config.model_type in ("qwen3", "gemma3_text")
         if self.has_qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+            self.q_norm = norm_class(config)(self.head_dim, config.rms_norm_eps)
+            self.k_norm = norm_class(config)(self.head_dim, config.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: tuple[Tensor, Tensor],
                 meta: AttentionMetadata) -> Tensor:
@@ -281,7 +367,7 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache
         kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
         out = kernels.paged_attention(q, k_cache, v_cache, meta, self.scale, k, v,
-                                      window=self.sliding_window)  # (T, Hq, D)
+                                      window=self.sliding_window, softcap=self.softcap)  # (T, Hq, D)
         return self.o_proj(out.reshape(num_tokens, -1))
 
 
@@ -292,19 +378,22 @@ class MLP(nn.Module):
         size = config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, [size, size], bias=bias)
         self.down_proj = Linear(size, [config.hidden_size], bias=bias)
+        # Gemma: GELU (tanh approximation for gelu_pytorch_tanh); SiLU otherwise
+        self.gelu = GEMMA_ACTIVATIONS[config.hidden_activation] if is_gemma(config) else None
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I) each
-        return self.down_proj(F.silu(gate).mul_(up))
+        act = F.silu(gate) if self.gelu is None else F.gelu(gate, approximate=self.gelu)
+        return self.down_proj(act.mul_(up))
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer_idx: int = 0):
         super().__init__()
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer_idx)
         self.mlp = MLP(config)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = norm_class(config)(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = norm_class(config)(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor,
                 kv_cache: tuple[Tensor, Tensor], meta: AttentionMetadata) -> tuple[Tensor, Tensor]:
@@ -317,19 +406,52 @@ class DecoderLayer(nn.Module):
         return self.mlp(x), residual
 
 
+class GemmaDecoderLayer(DecoderLayer):
+    """Gemma 2/3: the attention and MLP outputs are normed before their residual adds (post_attention_layernorm,
+    post_feedforward_layernorm) and the MLP input by pre_feedforward_layernorm."""
+
+    def __init__(self, config, layer_idx: int = 0):
+        super().__init__(config, layer_idx)
+        self.pre_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_feedforward_layernorm = GemmaRMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor,
+                kv_cache: tuple[Tensor, Tensor], meta: AttentionMetadata) -> tuple[Tensor, Tensor]:
+        if residual is None:
+            residual, x = x, self.input_layernorm(x)
+        else:
+            x, residual = self.input_layernorm.add_forward(x, residual)
+        x = self.post_attention_layernorm(self.self_attn(x, cos, sin, kv_cache, meta))
+        x, residual = self.pre_feedforward_layernorm.add_forward(x, residual)
+        return self.post_feedforward_layernorm(self.mlp(x)), residual
+
+
 class LlamaModel(nn.Module):
     def __init__(self, config, max_positions: int):
         super().__init__()
         self.embed_tokens = nn.Module()
         self.embed_tokens.weight = nn.Parameter(torch.empty(config.vocab_size, config.hidden_size),
                                                 requires_grad=False)
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        layer_cls = GemmaDecoderLayer if is_gemma(config) else DecoderLayer
+        self.layers = nn.ModuleList(layer_cls(config, i) for i in range(config.num_hidden_layers))
+        self.norm = norm_class(config)(config.hidden_size, config.rms_norm_eps)
         params = rope_parameters(config)
         # LongRoPE's factors, once per model (module docstring): long when a sequence may outgrow the original length
         long_factors = (params["rope_type"] == "longrope" and
                         min(max_positions, config.max_position_embeddings) > params["original_max_position_embeddings"])
         self.rotary_emb = RotaryEmbedding(rotary_dim_of(config), max_positions, params, long_factors)
+        # Gemma 3: the local (sliding) layers' own RoPE table (rope_local_base_freq, no scaling)
+        self.rotary_emb_local = None
+        if config.model_type == "gemma3_text" and "sliding_attention" in layer_types_of(config):
+            local = rope_parameters(config, "sliding_attention")
+            if local != params:
+                self.rotary_emb_local = RotaryEmbedding(rotary_dim_of(config), max_positions, local)
+
+    def rebuild_rotary(self, dtype: torch.dtype, device) -> None:
+        """Recompute every RoPE table after the model was materialised from the meta device."""
+        self.rotary_emb.rebuild(dtype, device)
+        if self.rotary_emb_local is not None:
+            self.rotary_emb_local.rebuild(dtype, device)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -351,9 +473,16 @@ class LlamaForCausalLM(nn.Module):
                                nn.Parameter(torch.empty(config.vocab_size, config.hidden_size),
                                             requires_grad=False))
         # what the C++ step computes exactly: whole-head RoPE (cos|sin rows of head_dim) and attention over
-        # the whole context (a sliding window only matters once a context outgrows it: see _native_model)
-        self.native_capable = rotary_dim_of(config) == head_dim_of(config)
+        # the whole context (a sliding window only matters once a context outgrows it: see _native_model);
+        # none of Gemma's differences (module docstring)
+        gemma = is_gemma(config)
+        self.native_capable = rotary_dim_of(config) == head_dim_of(config) and not gemma
+        self.native_reason = ("Gemma layers (soft-capping, four norms per layer, GELU, per-layer windows)" if gemma
+                              else "partial rotary embeddings")
         self.sliding_window = sliding_window_of(config)
+        # Gemma: embeddings times sqrt(hidden_size); logits soft-capped (tanh(logits / cap) * cap)
+        self.embed_scale = config.hidden_size ** 0.5 if gemma else None
+        self.final_logit_softcapping = (getattr(config, "final_logit_softcapping", None) or None) if gemma else None
 
     # CPU fp32 steps (decode, prefill or mixed) run every layer in one C++ call (kernels/native.py)
     # unless this is False (or the model is not native_capable).
@@ -364,6 +493,8 @@ class LlamaForCausalLM(nn.Module):
                 meta: AttentionMetadata) -> Tensor:
         embed = getattr(self, "embed_lookup", None)  # GGUF: rows dequantised from the file's own type
         x = embed(input_ids) if embed is not None else F.embedding(input_ids, self.model.embed_tokens.weight)
+        if getattr(self, "embed_scale", None) is not None:   # Gemma: sqrt(hidden) rounded to the embedding's dtype
+            x = x * torch.tensor(self.embed_scale).to(x.dtype)
         if x.dtype != self.model.norm.weight.dtype:   # bf16 weights as stored, fp32 compute
             x = x.to(self.model.norm.weight.dtype)
         native_model = self._native_model(x, kv_caches, meta)
@@ -371,9 +502,14 @@ class LlamaForCausalLM(nn.Module):
             return native_model.forward(x, positions, self.model.rotary_emb.cos_sin_cache, kv_caches,  # final norm included
                                         meta.block_tables, meta.token_rows, QUANTIZED_MAX_ROWS)  # (T, hidden)
         cos, sin = self.model.rotary_emb.lookup(positions)  # (T, 1, D/2), shared by every layer
+        local = getattr(self.model, "rotary_emb_local", None)
+        cos_sin_local = local.lookup(positions) if local is not None else (cos, sin)   # Gemma 3's local layers
         residual = None
         for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
-            x, residual = layer(x, residual, cos, sin, kv_cache, meta)
+            if local is not None and layer.self_attn.layer_type == "sliding_attention":
+                x, residual = layer(x, residual, *cos_sin_local, kv_cache, meta)
+            else:
+                x, residual = layer(x, residual, cos, sin, kv_cache, meta)
         x, _ = self.model.norm.add_forward(x, residual)
         return x
 
@@ -418,6 +554,13 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: Tensor) -> Tensor:
+        logits = self._logits(hidden)
+        cap = getattr(self, "final_logit_softcapping", None)
+        if cap is not None:   # Gemma: as transformers' ForCausalLM does after lm_head
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def _logits(self, hidden: Tensor) -> Tensor:
         head = getattr(self, "lm_head_linear", None)  # GGUF: the output layer in a native layout
         if head is not None:
             return head(hidden).float()

@@ -31,7 +31,7 @@ def build_model(folder: str, dtype: torch.dtype, device, max_positions: int | No
                          f"model_type={config.model_type}")
     with torch.device("meta"):
         model = LlamaForCausalLM(config, max_positions)
-    model.model.rotary_emb.rebuild(dtype, device)
+    model.model.rebuild_rotary(dtype, device)
     load_weights(model, folder, dtype, device, quantization, keep_stored_dtype)
     if quantization in ("int8", "int4"):
         model.quantize_head()
