@@ -25,6 +25,10 @@ CASES = {
                           {"rope_parameters": {"rope_type": "linear", "factor": 2.0,
                                                "rope_theta": 10000.0}}),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"head_dim": 32}),
+    # YaRN (Qwen2.5's long-context setting): blended frequencies and the attention factor on cos and sin
+    "qwen2_yarn": ("Qwen2Config", "Qwen2ForCausalLM",
+                   {"vocab_size": 256, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                                           "original_max_position_embeddings": 32}}),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"vocab_size": 256, "tie_word_embeddings": True}),
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24, "num_key_value_heads": 1}),
     # fused qkv_proj / gate_up_proj in the checkpoint; LongRoPE's short factors and attention factor (full

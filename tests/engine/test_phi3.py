@@ -211,8 +211,8 @@ def test_quantized_gguf_matches_its_dequantised_weights(folders, tmp_path, qtype
 
 
 def test_unsupported_rope_type_falls_back_with_one_log_line(tmp_path, caplog):
-    """A rope type berth does not implement (Llama's yarn here; Phi3Config itself only accepts default and
-    longrope) keeps the paged engine out: transformers serves it, with one warning."""
+    """A rope type berth does not implement (dynamic NTK scaling: position-dependent; Phi3Config itself only
+    accepts default and longrope) keeps the paged engine out: transformers serves it, with one warning."""
     from server.config import EngineConfig
     from server.engine.factory import build_engine
     from server.engine.hf_engine import HFEngine
@@ -223,12 +223,12 @@ def test_unsupported_rope_type_falls_back_with_one_log_line(tmp_path, caplog):
     assert not is_supported(phi3)
     llama_longrope = {**CONFIGS["longrope_full"]["rope_parameters"], "original_max_position_embeddings": ORIGINAL}
     assert not is_supported(transformers.LlamaConfig(**BASE, rope_parameters=llama_longrope))   # Phi-3 only
-    yarn = {"rope_type": "yarn", "factor": 2.0, "rope_theta": 10000.0, "original_max_position_embeddings": 32}
+    dynamic = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0}
     config = transformers.LlamaConfig(**{k: v for k, v in BASE.items() if k != "initializer_range"},
-                                      rope_parameters=yarn, architectures=["LlamaForCausalLM"])
-    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "yarn")
-    transformers.AutoTokenizer.from_pretrained(str(resolve_model("default"))).save_pretrained(tmp_path / "yarn")
+                                      rope_parameters=dynamic, architectures=["LlamaForCausalLM"])
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "dynamic")
+    transformers.AutoTokenizer.from_pretrained(str(resolve_model("default"))).save_pretrained(tmp_path / "dynamic")
     with caplog.at_level("WARNING", logger="berth.engine"):
-        engine = build_engine(EngineConfig(dtype="float32"), str(tmp_path / "yarn"))
+        engine = build_engine(EngineConfig(dtype="float32"), str(tmp_path / "dynamic"))
     assert isinstance(engine, HFEngine)
     assert sum("not supported by the paged engine" in r.message for r in caplog.records) == 1

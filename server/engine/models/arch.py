@@ -7,7 +7,7 @@ import math
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"}
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"}
-SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3", "longrope"}
+SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3", "longrope", "yarn"}
 GEMMA_MODEL_TYPES = {"gemma2", "gemma3_text"}
 LAYER_TYPES = ("sliding_attention", "full_attention")
 # MLP activations by config.hidden_activation (Gemma): transformers' ACT2FN names berth computes the same way
@@ -69,7 +69,28 @@ def rope_parameters(config, layer_type: str | None = None) -> dict:
             factor = params.get("factor") or config.max_position_embeddings / original
             params["attention_factor"] = (1.0 if factor <= 1.0 else
                                           math.sqrt(1 + math.log(factor) / math.log(original)))
+    if params["rope_type"] == "yarn":
+        _yarn_defaults(params, config)
     return params
+
+
+def _yarn_defaults(params: dict, config) -> None:
+    """YaRN (Qwen2.5's long context, DeepSeek): the settings transformers' _compute_yarn_parameters reads,
+    with its defaults; the attention factor scales cos and sin (static YaRN, as transformers and vLLM)."""
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = params["factor"]
+    params["original_max_position_embeddings"] = (params.get("original_max_position_embeddings")
+                                                  or config.max_position_embeddings)
+    if params.get("attention_factor") is None:
+        if params.get("mscale") and params.get("mscale_all_dim"):
+            params["attention_factor"] = mscale(factor, params["mscale"]) / mscale(factor, params["mscale_all_dim"])
+        else:
+            params["attention_factor"] = mscale(factor)
+    params["beta_fast"] = params.get("beta_fast") or 32
+    params["beta_slow"] = params.get("beta_slow") or 1
+    params.setdefault("truncate", True)
 
 
 def rotary_dim_of(config) -> int:

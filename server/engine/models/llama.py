@@ -175,7 +175,7 @@ class RotaryEmbedding(nn.Module):
         t = torch.arange(self.max_positions, dtype=torch.float32, device=device)
         freqs = torch.outer(t, inv_freq)  # (P, D/2)
         cache = torch.cat((freqs.cos(), freqs.sin()), dim=-1)  # (P, D)
-        if self.params["rope_type"] == "longrope" and self.params["attention_factor"] != 1.0:
+        if self.params["rope_type"] in ("longrope", "yarn") and self.params["attention_factor"] != 1.0:
             cache = cache * self.params["attention_factor"]
         return cache
 
@@ -197,6 +197,8 @@ def rope_inv_freq(head_dim: int, params: dict, device=None, long_factors: bool =
         return 1.0 / (ext * params["rope_theta"] ** exponent)
     if rope_type == "linear":
         return inv_freq / params["factor"]
+    if rope_type == "yarn":
+        return yarn_inv_freq(head_dim, params, device)
     if rope_type != "llama3":
         assert rope_type == "default", f"unsupported rope_type {rope_type}"
         return inv_freq
@@ -208,6 +210,27 @@ def rope_inv_freq(head_dim: int, params: dict, device=None, long_factors: bool =
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return torch.where(is_medium, smoothed, scaled)
+
+
+def yarn_inv_freq(head_dim: int, params: dict, device=None) -> Tensor:
+    """YaRN's blend (transformers' _compute_yarn_parameters): interpolated frequencies (/ factor) for the
+    dimensions whose wavelength exceeds the original context, the original ones for the fastest, and a
+    linear ramp between the correction range given by beta_fast / beta_slow rotations."""
+    base, factor, original = params["rope_theta"], params["factor"], params["original_max_position_embeddings"]
+
+    def correction_dim(rotations: float) -> float:
+        return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(params["beta_fast"]), correction_dim(params["beta_slow"])
+    if params["truncate"]:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp                                               # 1: keep the original frequency
+    pos_freqs = base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    return (1.0 / (factor * pos_freqs)) * (1 - extrapolation) + (1.0 / pos_freqs) * extrapolation
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
