@@ -20,12 +20,12 @@ import pytest
 import torch
 import transformers
 
-from kernels.metadata import build_metadata
 from server.engine.models.gguf_loader import build_gguf_model, config_from_metadata
 from server.engine.models.llama import GemmaRMSNorm, is_supported, layer_windows
 from server.engine.models.weights import build_model
 from tests.engine.test_gguf_models import make_folder
-from tests.engine.test_models import BLOCK_SIZE, PROMPT, hf_logits, new_caches, run_chunk
+from tests.engine.test_models import (PROMPT, hf_logits, mixed_batch_logits, new_caches, run_chunk,
+                                      scattered_table)
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, rms_norm_eps=1e-6, initializer_range=0.1, sliding_window=4, max_position_embeddings=64,
@@ -75,10 +75,6 @@ def case(request, folders):
     return request.param, hf_model, build_model(folder, torch.float32, "cpu")
 
 
-def table(start: int, n: int = 10) -> list[int]:
-    return [(start + 7 * i) % 64 for i in range(n)]   # scattered, distinct blocks of a 64-block pool
-
-
 def test_configs_are_supported_with_their_layers(case):
     name, hf_model, model = case
     assert is_supported(hf_model.config)
@@ -95,13 +91,13 @@ def test_configs_are_supported_with_their_layers(case):
 
 def test_prefill_matches_transformers(case):
     _, hf_model, model = case
-    logits = run_chunk(model, new_caches(model, 64), PROMPT, 0, table(5))
+    logits = run_chunk(model, new_caches(model, 64), PROMPT, 0, scattered_table(5))
     torch.testing.assert_close(logits, hf_logits(hf_model, PROMPT), atol=1e-4, rtol=1e-4)
 
 
 def test_chunked_prefill_over_a_cached_prefix_then_decode_matches_transformers(case):
     _, hf_model, model = case
-    caches, blocks = new_caches(model, 64), table(11)
+    caches, blocks = new_caches(model, 64), scattered_table(11)
     cut1, cut2 = 3, len(PROMPT) - 4
     got = [run_chunk(model, caches, PROMPT[:cut1], 0, blocks)]
     got.append(run_chunk(model, caches, PROMPT[cut1:cut2], cut1, blocks))   # a chunk over the cached prefix
@@ -115,24 +111,14 @@ def test_batched_with_other_sequences_matches_transformers(case):
     _, hf_model, model = case
     n = len(PROMPT)
     prompts = [PROMPT[:n - 4], PROMPT[2:n - 1], PROMPT[:n - 6]]
-    caches, tables = new_caches(model, 64), [table(1), table(2), table(3)]
-    for p, t in zip(prompts[:2], tables[:2]):
-        run_chunk(model, caches, p[:-1], 0, t)
-    lens = [len(p) for p in prompts]
-    slots = [t[q // BLOCK_SIZE] * BLOCK_SIZE + q % BLOCK_SIZE
-             for t, qs in zip(tables, [[lens[0] - 1], [lens[1] - 1], range(lens[2])]) for q in qs]
-    meta = build_metadata([1, 1, lens[2]], lens, tables, slots, BLOCK_SIZE, "cpu")
-    ids = torch.tensor([prompts[0][-1], prompts[1][-1]] + prompts[2])
-    positions = torch.tensor([lens[0] - 1, lens[1] - 1] + list(range(lens[2])))
-    hidden = model(ids, positions, caches, meta)
-    logits = model.compute_logits(hidden[[0, 1, len(ids) - 1]])
+    logits = mixed_batch_logits(model, prompts)
     expected = torch.stack([hf_logits(hf_model, p)[-1] for p in prompts])
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_decode_through_the_paged_cache_matches_transformers(case):
     _, hf_model, model = case
-    caches, blocks = new_caches(model, 64), table(7, 12)
+    caches, blocks = new_caches(model, 64), scattered_table(7, 12)
     tokens = list(PROMPT)
     logits = run_chunk(model, caches, tokens, 0, blocks)
     for _ in range(6):
@@ -146,7 +132,7 @@ def test_soft_capping_changes_the_logits(folders):
     """The test config's caps are small enough to matter: transformers without them is far from berth's logits."""
     hf_model, folder = folders["gemma2"]
     model = build_model(folder, torch.float32, "cpu")
-    ours = run_chunk(model, new_caches(model, 64), PROMPT, 0, table(5))
+    ours = run_chunk(model, new_caches(model, 64), PROMPT, 0, scattered_table(5))
     for field in ("attn_logit_softcapping", "final_logit_softcapping"):
         uncapped = copy.deepcopy(hf_model)
         setattr(uncapped.config, field, None)
@@ -160,7 +146,7 @@ def test_bf16_model_runs_close(folders):
     hf_model, folder = folders["gemma3"]
     model = build_model(folder, torch.bfloat16, "cpu")
     caches = [(k.bfloat16(), v.bfloat16()) for k, v in new_caches(model, 64)]
-    logits = run_chunk(model, caches, PROMPT, 0, table(5))
+    logits = run_chunk(model, caches, PROMPT, 0, scattered_table(5))
     expected = hf_logits(hf_model, PROMPT)
     assert (logits.argmax(-1) == expected.argmax(-1)).float().mean() > 0.7
     torch.testing.assert_close(logits, expected, atol=0.15, rtol=0.1)
@@ -172,7 +158,7 @@ def test_int8_while_loading_stays_close(folders):
     model = build_model(folder, torch.float32, "cpu", quantization="int8")
     qkv = model.model.layers[0].self_attn.qkv_proj
     assert qkv.int8 is not None and qkv.weight.numel() == 0
-    logits = run_chunk(model, new_caches(model, 64), PROMPT, 0, table(5))
+    logits = run_chunk(model, new_caches(model, 64), PROMPT, 0, scattered_table(5))
     assert torch.nn.functional.cosine_similarity(logits, hf_logits(hf_model, PROMPT), dim=1).min() > 0.99
 
 
@@ -266,7 +252,7 @@ def test_f32_gguf_loads_natively_and_matches_transformers(folders, tmp_path, con
     assert config.layer_types == hf_model.config.layer_types
     model, _ = build_gguf_model(folder, torch.device("cpu"))
     assert not any(m.unit_offset for m in model.modules() if isinstance(m, GemmaRMSNorm))
-    caches, blocks = new_caches(model, 64), table(9)
+    caches, blocks = new_caches(model, 64), scattered_table(9)
     logits = run_chunk(model, caches, PROMPT[:-2], 0, blocks)
     logits = torch.cat([logits] + [run_chunk(model, caches, [t], p, blocks) for p, t in enumerate(PROMPT) if p >= 11])
     torch.testing.assert_close(logits, hf_logits(hf_model, PROMPT), atol=1e-4, rtol=1e-4)
@@ -282,7 +268,7 @@ def test_quantized_gguf_matches_its_dequantised_weights(folders, tmp_path, confi
     model, _ = build_gguf_model(make_folder(tmp_path, path), torch.device("cpu"))
     assert model.model.layers[0].self_attn.qkv_proj.native is not None
     ref = hf_logits(hf_from_stored(hf_model, stored), PROMPT)
-    logits = run_chunk(model, new_caches(model, 64), PROMPT, 0, table(9))
+    logits = run_chunk(model, new_caches(model, 64), PROMPT, 0, scattered_table(9))
     assert float((logits - ref).abs().max()) <= 0.03 * float(ref.max() - ref.min())
 
 

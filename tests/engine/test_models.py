@@ -78,6 +78,26 @@ def run_chunk(model, caches, tokens, start, block_table):
 PROMPT = [3, 17, 99, 42, 7, 7, 120, 1, 64, 5, 88, 23, 11]
 
 
+def scattered_table(start: int, n: int = 10) -> list[int]:
+    return [(start + 7 * i) % 64 for i in range(n)]   # scattered, distinct blocks of a 64-block pool
+
+
+def mixed_batch_logits(model, prompts: list[list[int]]):
+    """One step with two decode rows (prompts[0], prompts[1], their earlier tokens already cached) and a
+    prefill row (prompts[2]); the last logits of each row, (3, vocab)."""
+    caches, tables = new_caches(model, 64), [scattered_table(1), scattered_table(2), scattered_table(3)]
+    for p, t in zip(prompts[:2], tables[:2]):
+        run_chunk(model, caches, p[:-1], 0, t)
+    lens = [len(p) for p in prompts]
+    slots = [t[q // BLOCK_SIZE] * BLOCK_SIZE + q % BLOCK_SIZE
+             for t, qs in zip(tables, [[lens[0] - 1], [lens[1] - 1], range(lens[2])]) for q in qs]
+    meta = build_metadata([1, 1, lens[2]], lens, tables, slots, BLOCK_SIZE, "cpu")
+    ids = torch.tensor([prompts[0][-1], prompts[1][-1]] + prompts[2])
+    positions = torch.tensor([lens[0] - 1, lens[1] - 1] + list(range(lens[2])))
+    hidden = model(ids, positions, caches, meta)
+    return model.compute_logits(hidden[[0, 1, len(ids) - 1]])
+
+
 def test_prefill_matches_transformers(checkpoint):
     hf_model, _, model = checkpoint
     logits = run_chunk(model, new_caches(model), PROMPT, 0, [5, 2, 9, 0])

@@ -17,12 +17,12 @@ import pytest
 import torch
 import transformers
 
-from kernels.metadata import build_metadata
 from server.engine.models.gguf_loader import build_gguf_model
 from server.engine.models.llama import is_supported
 from server.engine.models.weights import build_model
 from tests.engine.test_gguf_models import hf_from_stored, make_folder, write_gguf
-from tests.engine.test_models import BLOCK_SIZE, PROMPT, hf_logits, new_caches, run_chunk
+from tests.engine.test_models import (PROMPT, hf_logits, mixed_batch_logits, new_caches, run_chunk,
+                                      scattered_table)
 
 ORIGINAL = 16
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -82,10 +82,6 @@ def case(request, folders):
     return request.param, hf_model, model, prompt, new_tokens, native
 
 
-def table(start: int, n: int = 10) -> list[int]:
-    return [(start + 7 * i) % 64 for i in range(n)]   # scattered, distinct blocks of a 64-block pool
-
-
 def test_configs_are_supported_with_their_regime(case):
     name, hf_model, model, _, _, _ = case
     assert is_supported(hf_model.config)
@@ -96,13 +92,13 @@ def test_configs_are_supported_with_their_regime(case):
 
 def test_prefill_matches_transformers(case):
     _, hf_model, model, prompt, _, _ = case
-    logits = run_chunk(model, new_caches(model, 64), prompt, 0, table(5))
+    logits = run_chunk(model, new_caches(model, 64), prompt, 0, scattered_table(5))
     torch.testing.assert_close(logits, hf_logits(hf_model, prompt), atol=1e-4, rtol=1e-4)
 
 
 def test_chunked_prefill_over_a_cached_prefix_then_decode_matches_transformers(case):
     _, hf_model, model, prompt, _, native = case
-    caches, blocks = new_caches(model, 64), table(11)
+    caches, blocks = new_caches(model, 64), scattered_table(11)
     cut1, cut2 = 4, len(prompt) - 4
     got = [run_chunk(model, caches, prompt[:cut1], 0, blocks)]
     got.append(run_chunk(model, caches, prompt[cut1:cut2], cut1, blocks))   # a chunk over the cached prefix
@@ -116,24 +112,14 @@ def test_batched_with_other_sequences_matches_transformers(case):
     _, hf_model, model, prompt, _, _ = case
     n = len(prompt)
     prompts = [prompt[:n - 4], prompt[2:n - 1], prompt[:n - 6]]
-    caches, tables = new_caches(model, 64), [table(1), table(2), table(3)]
-    for p, t in zip(prompts[:2], tables[:2]):
-        run_chunk(model, caches, p[:-1], 0, t)
-    lens = [len(p) for p in prompts]
-    slots = [t[q // BLOCK_SIZE] * BLOCK_SIZE + q % BLOCK_SIZE
-             for t, qs in zip(tables, [[lens[0] - 1], [lens[1] - 1], range(lens[2])]) for q in qs]
-    meta = build_metadata([1, 1, lens[2]], lens, tables, slots, BLOCK_SIZE, "cpu")
-    ids = torch.tensor([prompts[0][-1], prompts[1][-1]] + prompts[2])
-    positions = torch.tensor([lens[0] - 1, lens[1] - 1] + list(range(lens[2])))
-    hidden = model(ids, positions, caches, meta)
-    logits = model.compute_logits(hidden[[0, 1, len(ids) - 1]])
+    logits = mixed_batch_logits(model, prompts)
     expected = torch.stack([hf_logits(hf_model, p)[-1] for p in prompts])
     torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
 
 
 def test_greedy_decode_through_the_paged_cache_matches_transformers(case):
     _, hf_model, model, prompt, new_tokens, _ = case
-    caches, blocks = new_caches(model, 64), table(7, 12)
+    caches, blocks = new_caches(model, 64), scattered_table(7, 12)
     tokens = list(prompt)
     logits = run_chunk(model, caches, tokens, 0, blocks)
     for _ in range(new_tokens):
@@ -149,7 +135,7 @@ def test_native_and_pytorch_paths_agree_on_a_windowed_model(folders):
     path (with the window mask) once one outgrows it; both paths write the same cache."""
     hf_model, folder = folders["window"]
     model = build_model(folder, torch.float32, "cpu")
-    caches, blocks = new_caches(model, 64), table(3)
+    caches, blocks = new_caches(model, 64), scattered_table(3)
     run_chunk(model, caches, PROMPT[:5], 0, blocks)   # 5 tokens: within the window
     assert model._native is not None
     calls = []
@@ -167,7 +153,7 @@ def test_fused_checkpoint_tensors_are_checked_and_quantize_while_loading(folders
     streamed = build_model(folder, torch.float32, "cpu", quantization="int8")
     qkv = streamed.model.layers[0].self_attn.qkv_proj
     assert qkv.int8 is not None and qkv.weight.numel() == 0
-    logits = run_chunk(streamed, new_caches(streamed, 64), LONG_PROMPT, 0, table(5))
+    logits = run_chunk(streamed, new_caches(streamed, 64), LONG_PROMPT, 0, scattered_table(5))
     ref = hf_logits(hf_model, LONG_PROMPT)
     assert torch.nn.functional.cosine_similarity(logits, ref, dim=1).min() > 0.99
     import shutil
@@ -191,7 +177,7 @@ def test_f32_gguf_loads_natively_and_matches_transformers(folders, tmp_path, con
     config = transformers.AutoConfig.from_pretrained(folder)
     assert config.model_type == "phi3" and config.sliding_window == hf_model.config.sliding_window
     model, _ = build_gguf_model(folder, torch.device("cpu"), max_positions)
-    logits = run_chunk(model, new_caches(model, 64), prompt, 0, table(9))
+    logits = run_chunk(model, new_caches(model, 64), prompt, 0, scattered_table(9))
     torch.testing.assert_close(logits, hf_logits(hf_model, prompt), atol=1e-4, rtol=1e-4)
 
 
@@ -206,7 +192,7 @@ def test_quantized_gguf_matches_its_dequantised_weights(folders, tmp_path, qtype
     assert model.model.layers[0].self_attn.qkv_proj.weight.numel() == 0   # no float copy of the weight
     assert model.model.layers[0].mlp.gate_up_proj.native is not None
     ref = hf_logits(hf_from_stored(hf_model, stored, "phi3"), LONG_PROMPT)
-    logits = run_chunk(model, new_caches(model, 64), LONG_PROMPT, 0, table(9))
+    logits = run_chunk(model, new_caches(model, 64), LONG_PROMPT, 0, scattered_table(9))
     assert float((logits - ref).abs().max()) <= 0.03 * float(ref.max() - ref.min())
 
 

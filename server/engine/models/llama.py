@@ -309,12 +309,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = norm_class(config)(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = norm_class(config)(config.hidden_size, config.rms_norm_eps)
 
+    def normed_input(self, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
+        """The layer's input norm, fused with the residual add the previous layer left pending."""
+        if residual is None:
+            return self.input_layernorm(x), x
+        return self.input_layernorm.add_forward(x, residual)
+
     def forward(self, x: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor,
                 kv_cache: tuple[Tensor, Tensor], meta: AttentionMetadata) -> tuple[Tensor, Tensor]:
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm.add_forward(x, residual)
+        x, residual = self.normed_input(x, residual)
         x = self.self_attn(x, cos, sin, kv_cache, meta)
         x, residual = self.post_attention_layernorm.add_forward(x, residual)
         return self.mlp(x), residual
@@ -331,10 +334,7 @@ class GemmaDecoderLayer(DecoderLayer):
 
     def forward(self, x: Tensor, residual: Tensor | None, cos: Tensor, sin: Tensor,
                 kv_cache: tuple[Tensor, Tensor], meta: AttentionMetadata) -> tuple[Tensor, Tensor]:
-        if residual is None:
-            residual, x = x, self.input_layernorm(x)
-        else:
-            x, residual = self.input_layernorm.add_forward(x, residual)
+        x, residual = self.normed_input(x, residual)
         x = self.post_attention_layernorm(self.self_attn(x, cos, sin, kv_cache, meta))
         x, residual = self.pre_feedforward_layernorm.add_forward(x, residual)
         return self.post_feedforward_layernorm(self.mlp(x)), residual
