@@ -31,8 +31,10 @@ def quantize_int8(weight: Tensor) -> Int8Weight:
 
 
 def int8_linear(x: Tensor, weight: Int8Weight, bias: Tensor | None = None) -> Tensor:
-    """x (M, K) float -> (M, N) in x's dtype."""
-    if x.device.type == "cpu":
+    """x (M, K) float -> (M, N) in x's dtype. NOTE: torch 2.13's CPU _weight_int8pack_mm crashes (SIGSEGV) when K
+    is not a multiple of 16 (measured: K = 8, 20, 24, 40, 72); such layers (tiny test models, MLA's LoRA ranks)
+    multiply the dequantised weight instead."""
+    if x.device.type == "cpu" and x.shape[1] % 16 == 0:
         y = torch._weight_int8pack_mm(x.to(torch.bfloat16), weight.qweight, weight.scales).to(x.dtype)
     else:
         y = torch.nn.functional.linear(x, weight.qweight.to(x.dtype) * weight.scales[:, None].to(x.dtype))

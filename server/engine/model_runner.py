@@ -4,14 +4,14 @@ from __future__ import annotations
 import torch
 
 from kernels.metadata import build_metadata
+from server.engine.models.arch import kv_layout
 from server.engine.scheduler import SchedulerOutput, needs_sample
 
 
 def kv_bytes_per_token(hf_config, dtype: torch.dtype) -> int:
-    heads = hf_config.num_attention_heads
-    head_dim = getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads
-    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
-    return 2 * hf_config.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+    kv_heads, head_dim, shared = kv_layout(hf_config)
+    tensors = 1 if shared else 2
+    return tensors * hf_config.num_hidden_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
 def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -27,17 +27,16 @@ def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tens
 class ModelRunner:
     def __init__(self, model, device: torch.device, dtype: torch.dtype, block_size: int, num_blocks: int):
         cfg = model.config
-        heads = cfg.num_attention_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        kv_heads, head_dim, shared = kv_layout(cfg)
         self.model = model
         self.device = device
         self.dtype = dtype
         self.block_size = block_size
         self.num_blocks = num_blocks
         shape = (num_blocks, block_size, kv_heads, head_dim)       # flash-attn paged layout
-        self.kv_caches = [(_zeros(shape, dtype, device), _zeros(shape, dtype, device))
-                          for _ in range(cfg.num_hidden_layers)]
+        # MLA (kv_layout shared): one latent row per token serves as key and value
+        self.kv_caches = [(k, k) if shared else (k, _zeros(shape, dtype, device))
+                          for k in (_zeros(shape, dtype, device) for _ in range(cfg.num_hidden_layers))]
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> torch.Tensor:

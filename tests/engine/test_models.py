@@ -4,6 +4,7 @@ import torch
 import transformers
 
 from kernels.metadata import build_metadata
+from server.engine.models.arch import kv_layout
 from server.engine.models.llama import is_supported
 from server.engine.models.weights import build_model, load_weights
 
@@ -33,6 +34,10 @@ CASES = {
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 24, "num_key_value_heads": 1}),
     # fused qkv_proj / gate_up_proj in the checkpoint; LongRoPE's short factors and attention factor (full
     # rotary: the native step runs it too). Longer contexts, partial rotary, sliding window: test_phi3.py
+    # InternLM3 (InternLM3ForCausalLM, model_type internlm3): the Llama layer with its qkv_bias / bias fields
+    # (attention and MLP biases); transformers runs it with LlamaForCausalLM, the checkpoint names its own class
+    "internlm3": ("InternLM3Config", "LlamaForCausalLM", {"head_dim": 32, "qkv_bias": True, "bias": True,
+                                                          "_architectures": ["InternLM3ForCausalLM"]}),
     "phi3": ("Phi3Config", "Phi3ForCausalLM", {"pad_token_id": None, "original_max_position_embeddings": 128,
                                                "rope_parameters": PHI3_LONGROPE}),
 }
@@ -41,6 +46,8 @@ CASES = {
 @pytest.fixture(scope="module", params=sorted(CASES))
 def checkpoint(request, tmp_path_factory):
     config_cls, model_cls, extra = CASES[request.param]
+    extra = dict(extra)
+    architectures = extra.pop("_architectures", None)
     config = getattr(transformers, config_cls)(**{**TINY, **extra})
     torch.manual_seed(0)
     hf_model = getattr(transformers, model_cls)(config).eval()
@@ -50,6 +57,10 @@ def checkpoint(request, tmp_path_factory):
                 p.add_(torch.randn_like(p) * 0.1)
     folder = tmp_path_factory.mktemp(request.param)
     hf_model.save_pretrained(folder, safe_serialization=True)
+    if architectures:   # the class name the real checkpoints carry
+        import json
+        config_json = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config_json, "architectures": architectures}))
     return hf_model, str(folder), build_model(str(folder), torch.float32, "cpu")
 
 
@@ -59,10 +70,11 @@ def hf_logits(hf_model, prompt):
 
 
 def new_caches(model, num_blocks=NUM_BLOCKS):
-    cfg = model.config
-    shape = (num_blocks, BLOCK_SIZE, cfg.num_key_value_heads,
-             model.model.layers[0].self_attn.head_dim)
-    return [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_hidden_layers)]
+    """Zeroed paged caches in the model's layout (MLA: one latent tensor serving as keys and values)."""
+    kv_heads, head_dim, shared = kv_layout(model.config)
+    shape = (num_blocks, BLOCK_SIZE, kv_heads, head_dim)
+    keys = [torch.zeros(shape) for _ in range(model.config.num_hidden_layers)]
+    return [(k, k) if shared else (k, torch.zeros(shape)) for k in keys]
 
 
 def run_chunk(model, caches, tokens, start, block_table):

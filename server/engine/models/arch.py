@@ -5,8 +5,11 @@ from __future__ import annotations
 import math
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
-                           "Qwen3ForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"}
-SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"}
+                           "Qwen3ForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
+                           "InternLM3ForCausalLM", "MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM",
+                           "DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM"}
+SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "internlm3",
+                         "mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"}
 SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3", "longrope", "yarn"}
 GEMMA_MODEL_TYPES = {"gemma2", "gemma3_text"}
 LAYER_TYPES = ("sliding_attention", "full_attention")
@@ -134,6 +137,16 @@ def is_supported(config) -> bool:
             return False
     rotary_dim = rotary_dim_of(config)
     return 0 < rotary_dim <= head_dim_of(config) and rotary_dim % 2 == 0
+
+
+def kv_layout(config) -> tuple[int, int, bool]:
+    """(KV heads, head size, keys and values share one tensor) of each layer's paged cache: MLA models cache
+    one row of kv_lora_rank + qk_rope_head_dim per token (models/mla.py), others K and V per KV head."""
+    if getattr(config, "model_type", None) in ("deepseek_v2", "deepseek_v3") and getattr(config, "kv_lora_rank", None):
+        return 1, config.kv_lora_rank + config.qk_rope_head_dim, True
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads, False
 
 
 def head_dim_of(config) -> int:

@@ -51,6 +51,8 @@ from server.engine.models.arch import (  # noqa: F401 (the names other modules i
     GEMMA_ACTIVATIONS, GEMMA_MODEL_TYPES, LAYER_TYPES, SUPPORTED_ARCHITECTURES, SUPPORTED_MODEL_TYPES,
     SUPPORTED_ROPE_TYPES, head_dim_of, is_gemma, is_supported, layer_types_of, layer_windows, rope_parameters,
     rotary_dim_of, sliding_window_of)
+from server.engine.models.mla import MLAttention, is_mla
+from server.engine.models.moe import SparseMoe, is_moe_layer, moe_settings
 
 
 # A quantized layer multiplies at most this many rows with its int8/int4 weight and larger inputs
@@ -64,7 +66,9 @@ QUANTIZED_MAX_ROWS = 40
 
 class Linear(nn.Module):
     """y = x W^T + b with uninitialised storage (weights are always loaded). `shard_sizes`
-    lists the row counts of packed sub-matrices in order (e.g. q, k, v) for the loader."""
+    lists the row counts of packed sub-matrices in order (e.g. q, k, v) for the loader. `keep_float`: never
+    quantized (MLA's kv_b_proj, absorbed into per-head matrices)."""
+    keep_float = False
 
     def __init__(self, in_features: int, shard_sizes: list[int], bias: bool = False):
         super().__init__()
@@ -114,6 +118,8 @@ class Linear(nn.Module):
     def quantize(self, method: str, keep_float: bool = True) -> None:
         """Add the int8 or int4 form of the weight (a shape int4 cannot pack falls back to int8).
         keep_float=False frees the float weight: less memory, slower prefill."""
+        if self.keep_float:
+            return
         if method == "int4" and int4_supported(self.weight):
             self.int4 = quantize_int4(self.weight)
         else:
@@ -253,7 +259,8 @@ class Attention(nn.Module):
         self.scale = (config.query_pre_attn_scalar if gemma else self.head_dim) ** -0.5
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attention_bias = getattr(config, "attention_bias", False)
-        qkv_bias = attention_bias or config.model_type == "qwen2"
+        qkv_bias = attention_bias or config.model_type == "qwen2" or (
+            config.model_type == "qwen2_moe" and getattr(config, "qkv_bias", True))
         self.qkv_proj = Linear(config.hidden_size, [q_size, kv_size, kv_size], bias=qkv_bias)
         self.o_proj = Linear(q_size, [config.hidden_size], bias=attention_bias)
         self.layer_type = layer_types_of(config)[layer_idx]
@@ -261,7 +268,7 @@ class Attention(nn.Module):
         # transformers applies attn_logit_softcapping in Gemma 2 only (Gemma 3's attention never passes it)
         self.softcap = (getattr(config, "attn_logit_softcapping", None) or None) if config.model_type == "gemma2" \
             else None
-        self.has_qk_norm = config.model_type in ("qwen3", "gemma3_text")
+        self.has_qk_norm = config.model_type in ("qwen3", "qwen3_moe", "gemma3_text")
         if self.has_qk_norm:
             self.q_norm = norm_class(config)(self.head_dim, config.rms_norm_eps)
             self.k_norm = norm_class(config)(self.head_dim, config.rms_norm_eps)
@@ -286,10 +293,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, intermediate_size: int | None = None):
         super().__init__()
         bias = getattr(config, "mlp_bias", False)
-        size = config.intermediate_size
+        size = intermediate_size or config.intermediate_size
         self.gate_up_proj = Linear(config.hidden_size, [size, size], bias=bias)
         self.down_proj = Linear(size, [config.hidden_size], bias=bias)
         # Gemma: GELU (tanh approximation for gelu_pytorch_tanh); SiLU otherwise
@@ -304,8 +311,8 @@ class MLP(nn.Module):
 class DecoderLayer(nn.Module):
     def __init__(self, config, layer_idx: int = 0):
         super().__init__()
-        self.self_attn = Attention(config, layer_idx)
-        self.mlp = MLP(config)
+        self.self_attn = MLAttention(config, layer_idx) if is_mla(config) else Attention(config, layer_idx)
+        self.mlp = SparseMoe(config, MLP) if is_moe_layer(config, layer_idx) else MLP(config)
         self.input_layernorm = norm_class(config)(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = norm_class(config)(config.hidden_size, config.rms_norm_eps)
 
@@ -380,6 +387,9 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config, max_positions: int | None = None):
         super().__init__()
         self.config = config
+        if is_mla(config):   # MLA's q_proj (no LoRA query) is its own projection, not a q|k|v shard
+            self.packed_modules_mapping = {k: v for k, v in self.packed_modules_mapping.items()
+                                           if v[0] != "qkv_proj"}
         self.model = LlamaModel(config, max_positions or config.max_position_embeddings)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         self.lm_head = nn.Module()
@@ -390,8 +400,10 @@ class LlamaForCausalLM(nn.Module):
         # the whole context (a sliding window only matters once a context outgrows it: see _native_model);
         # none of Gemma's differences (module docstring)
         gemma = is_gemma(config)
-        self.native_capable = rotary_dim_of(config) == head_dim_of(config) and not gemma
+        moe, mla = moe_settings(config) is not None, is_mla(config)
+        self.native_capable = rotary_dim_of(config) == head_dim_of(config) and not (gemma or moe or mla)
         self.native_reason = ("Gemma layers (soft-capping, four norms per layer, GELU, per-layer windows)" if gemma
+                              else "latent attention (MLA)" if mla else "mixture-of-experts layers" if moe
                               else "partial rotary embeddings")
         self.sliding_window = sliding_window_of(config)
         # Gemma: embeddings times sqrt(hidden_size); logits soft-capped (tanh(logits / cap) * cap)

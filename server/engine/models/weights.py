@@ -51,19 +51,44 @@ def load_weights(model: LlamaForCausalLM, folder: str, dtype: torch.dtype | None
     loaded: set[tuple[str, int]] = set()
     for path in files:
         with safe_open(path, framework="pt") as f:
-            for name in f.keys():
-                if name.endswith(SKIPPED_SUFFIXES):
+            for stored in f.keys():
+                if stored.endswith(SKIPPED_SUFFIXES):
                     continue
-                if model.tie_word_embeddings and name == "lm_head.weight":
+                if model.tie_word_embeddings and stored == "lm_head.weight":
                     continue  # tied: the embedding holds these values
-                target, shards = _load_tensor(model, params, name, f.get_tensor(name), dtype, device,
-                                              keep_stored_dtype)
-                loaded.update((target, shard) for shard in shards)
-                if quantization in ("int8", "int4"):
-                    _quantize_when_complete(model, target, loaded, quantization)
+                for name, tensor in _split_experts(_berth_name(stored), f.get_tensor(stored)):
+                    target, shards = _load_tensor(model, params, name, tensor, dtype, device, keep_stored_dtype)
+                    loaded.update((target, shard) for shard in shards)
+                    if quantization in ("int8", "int4"):
+                        _quantize_when_complete(model, target, loaded, quantization)
     _check_complete(model, params, loaded)
     if model.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+
+
+# checkpoint name parts -> berth's: Mixtral's block_sparse_moe and w1/w3/w2 experts, Qwen2-MoE's one shared expert
+RENAMES = ((".block_sparse_moe.", ".mlp."), (".shared_expert.", ".shared_experts."))
+MIXTRAL_EXPERT_RENAMES = {".w1.": ".gate_proj.", ".w3.": ".up_proj.", ".w2.": ".down_proj."}
+
+
+def _berth_name(name: str) -> str:
+    for old, new in RENAMES:
+        name = name.replace(old, new)
+    if ".experts." in name:
+        for old, new in MIXTRAL_EXPERT_RENAMES.items():
+            name = name.replace(old, new)
+    return name
+
+
+def _split_experts(name: str, tensor: torch.Tensor):
+    """A checkpoint's experts stacked in one 3-D tensor (transformers 5's mlp.experts.gate_up_proj (E, 2I, H) and
+    mlp.experts.down_proj (E, H, I)) as one tensor per expert; any other tensor as it is."""
+    head, _, leaf = name.rpartition(".experts.")
+    if head and leaf in ("gate_up_proj", "down_proj") and tensor.dim() == 3:
+        for e in range(tensor.shape[0]):
+            yield f"{head}.experts.{e}.{leaf}.weight", tensor[e]
+    else:
+        yield name, tensor
 
 
 def _quantize_when_complete(model, target: str, loaded: set, method: str) -> None:

@@ -1,0 +1,172 @@
+"""Mixture-of-experts and latent-attention models on the paged engine against transformers (tiny random configs, fp32).
+
+Cases: Mixtral (block_sparse_moe, w1/w2/w3 experts), Qwen2-MoE (shared expert behind a sigmoid gate, a dense
+layer from mlp_only_layers, qkv bias), Qwen3-MoE (q/k norms, renormalised top-k), DeepSeek V2 (MLA without a
+query LoRA, softmax routing limited to the best groups, shared experts, a leading dense layer, YaRN with
+mscale_all_dim) and DeepSeek V3 (MLA with a query LoRA, sigmoid scoring with e_score_correction_bias, group
+scores from each group's two best, routed_scaling_factor). Every case: prefill, chunked prefill over a cached
+prefix then decode, a mixed decode + prefill batch and greedy decoding give transformers' logits / tokens; the
+routers are random enough that the tokens of one batch choose different experts (checked).
+"""
+import pytest
+import torch
+import transformers
+
+from server.engine.models.arch import kv_layout
+from server.engine.models.llama import is_supported
+from server.engine.models.moe import SparseMoe
+from server.engine.models.weights import build_model
+from tests.engine.test_models import (PROMPT, hf_logits, mixed_batch_logits, new_caches, run_chunk,
+                                      scattered_table)
+
+BASE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.1, pad_token_id=0,
+            bos_token_id=1, eos_token_id=2)
+MLA = dict(kv_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=12, num_key_value_heads=4,
+           moe_intermediate_size=32, intermediate_size=80, n_shared_experts=2, first_k_dense_replace=1)
+CASES = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(intermediate_size=48, num_local_experts=6, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(intermediate_size=80, moe_intermediate_size=32, shared_expert_intermediate_size=40,
+                       num_experts=8, num_experts_per_tok=3, mlp_only_layers=[1], norm_topk_prob=False)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(intermediate_size=80, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
+                       head_dim=24, norm_topk_prob=True)),
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(MLA, q_lora_rank=None, n_routed_experts=8, num_experts_per_tok=3,
+                         topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=1.5,
+                         rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "mscale": 0.707,
+                                          "mscale_all_dim": 0.707, "original_max_position_embeddings": 32,
+                                          "beta_fast": 32, "beta_slow": 1})),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(MLA, q_lora_rank=20, n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                         routed_scaling_factor=2.5, norm_topk_prob=True)),
+}
+
+
+def tiny(name: str):
+    config_cls, model_cls, extra = CASES[name]
+    config = getattr(transformers, config_cls)(**{**BASE, **extra})
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():   # random norms, biases and routers: every weight matters, tokens pick different experts
+        for pname, p in model.named_parameters():
+            if "norm" in pname or pname.endswith("bias"):
+                p.add_(torch.randn_like(p) * 0.1)
+            elif pname.endswith("gate.weight"):
+                p.normal_(0.0, 0.5)
+        for bname, b in model.named_buffers():
+            if bname.endswith("e_score_correction_bias"):
+                b.copy_(torch.randn_like(b) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="module", params=sorted(CASES))
+def case(request, tmp_path_factory):
+    hf_model = tiny(request.param)
+    folder = tmp_path_factory.mktemp(request.param)
+    hf_model.save_pretrained(folder, safe_serialization=True)
+    return request.param, hf_model, build_model(str(folder), torch.float32, "cpu")
+
+
+def test_supported_and_laid_out_as_the_family(case):
+    name, hf_model, model = case
+    assert is_supported(hf_model.config) and not model.native_capable
+    moe_layers = [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, SparseMoe)]
+    expected = {"mixtral": [0, 1, 2], "qwen2_moe": [0, 2], "qwen3_moe": [0, 1, 2]}.get(name, [1, 2])
+    assert moe_layers == expected
+    kv_heads, head_dim, shared = kv_layout(hf_model.config)
+    if name.startswith("deepseek"):   # the compressed cache: one latent row per token
+        assert (kv_heads, head_dim, shared) == (1, 24 + 8, True)
+        caches = new_caches(model)
+        assert caches[0][0] is caches[0][1]
+
+
+def test_prefill_matches_transformers(case):
+    _, hf_model, model = case
+    logits = run_chunk(model, new_caches(model, 64), PROMPT, 0, scattered_table(5))
+    torch.testing.assert_close(logits, hf_logits(hf_model, PROMPT), atol=1e-4, rtol=1e-4)
+
+
+def test_chunked_prefill_over_a_cached_prefix_then_decode_matches_transformers(case):
+    _, hf_model, model = case
+    caches, blocks = new_caches(model, 64), scattered_table(11)
+    got = [run_chunk(model, caches, PROMPT[:4], 0, blocks), run_chunk(model, caches, PROMPT[4:9], 4, blocks)]
+    got += [run_chunk(model, caches, [t], p, blocks) for p, t in enumerate(PROMPT) if p >= 9]
+    torch.testing.assert_close(torch.cat(got), hf_logits(hf_model, PROMPT), atol=1e-4, rtol=1e-4)
+
+
+def test_batched_with_other_sequences_matches_transformers(case):
+    """Two decode rows and a prefill row in one step: each gets transformers' logits, though the batch's tokens
+    are routed to different experts (every expert product runs once on all the tokens that chose it)."""
+    _, hf_model, model = case
+    prompts = [PROMPT[:9], PROMPT[2:12], PROMPT[:7]]
+    moe = next(layer.mlp for layer in model.model.layers if isinstance(layer.mlp, SparseMoe))
+    calls = []
+    for e, expert in enumerate(moe.experts):
+        expert.register_forward_hook(lambda m, args, out, e=e: calls.append((e, args[0].shape[0])))
+    logits = mixed_batch_logits(model, prompts)
+    expected = torch.stack([hf_logits(hf_model, p)[-1] for p in prompts])
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    assert len({e for e, _ in calls}) > 1                         # the tokens chose different experts
+
+
+def test_a_batch_groups_tokens_by_expert(case):
+    """One call per chosen expert with all its tokens, none for the others; the sum equals each token routed
+    alone (the per-token definition)."""
+    _, _, model = case
+    moe = next(layer.mlp for layer in model.model.layers if isinstance(layer.mlp, SparseMoe))
+    torch.manual_seed(1)
+    x = torch.randn(9, model.config.hidden_size)
+    weights, ids = moe.gate(x)
+    calls = {}
+    hooks = [expert.register_forward_hook(lambda m, args, out, e=e: calls.setdefault(e, []).append(args[0].shape[0]))
+             for e, expert in enumerate(moe.experts)]
+    out = moe.routed(x, weights, ids)
+    for h in hooks:
+        h.remove()
+    chosen = ids.flatten().bincount(minlength=len(moe.experts))
+    assert calls == {e: [int(n)] for e, n in enumerate(chosen.tolist()) if n}
+    assert len(calls) > 1
+    alone = torch.stack([sum(w * moe.experts[int(e)](x[t:t + 1])[0] for w, e in zip(weights[t], ids[t]))
+                         for t in range(x.shape[0])])
+    torch.testing.assert_close(out, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_decode_through_the_paged_cache_matches_transformers(case):
+    _, hf_model, model = case
+    caches, blocks = new_caches(model, 64), scattered_table(7, 12)
+    tokens = list(PROMPT)
+    logits = run_chunk(model, caches, tokens, 0, blocks)
+    for _ in range(6):
+        tokens.append(int(logits[-1].argmax()))
+        logits = run_chunk(model, caches, tokens[-1:], len(tokens) - 1, blocks)
+    expected = hf_model.generate(torch.tensor([PROMPT]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert tokens == expected[0].tolist()
+
+
+def test_only_the_chosen_experts_are_read(case):
+    """A one-token step runs exactly top_k experts per MoE layer; the others are never called."""
+    _, _, model = case
+    runs = []
+    for layer in model.model.layers:
+        if isinstance(layer.mlp, SparseMoe):
+            for expert in layer.mlp.experts:
+                expert.register_forward_hook(lambda m, args, out: runs.append(args[0].shape[0]))
+    run_chunk(model, new_caches(model, 64), PROMPT[:1], 0, scattered_table(3))
+    moe_layers = sum(isinstance(layer.mlp, SparseMoe) for layer in model.model.layers)
+    k = next(layer.mlp for layer in model.model.layers if isinstance(layer.mlp, SparseMoe)).settings["top_k"]
+    assert runs == [1] * (k * moe_layers)
+
+
+def test_quantized_experts_stay_close(case, tmp_path):
+    """--quantization int8 on every expert (MLA's kv_b_proj stays float: it is absorbed)."""
+    name, hf_model, _ = case
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    model = build_model(str(tmp_path), torch.float32, "cpu", quantization="int8")
+    moe = next(layer.mlp for layer in model.model.layers if isinstance(layer.mlp, SparseMoe))
+    assert moe.experts[0].gate_up_proj.int8 is not None and moe.experts[0].gate_up_proj.weight.numel() == 0
+    logits = run_chunk(model, new_caches(model, 64), PROMPT, 0, scattered_table(5))
+    ref = hf_logits(hf_model, PROMPT)
+    assert torch.nn.functional.cosine_similarity(logits, ref, dim=1).min() > 0.99
