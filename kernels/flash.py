@@ -2,7 +2,7 @@
 
 Same signatures and cache layout as kernels.reference. flash-attn reads the paged cache itself
 through `block_table` (int32, (B, max_blocks)); its paged kernels require block_size to be a
-multiple of 256 (flash-attn 2.x), which the engine config must honour on CUDA.
+multiple of 256 (flash-attn 2.x): kernels.block_size_for gives the engine 256 with this backend.
 Causal masks are aligned bottom-right (flash-attn >= 2.1), which is exactly "the new queries
 are the last tokens of the context", so one varlen call covers decode, prefill and
 chunked prefill with a cached prefix (nano-vllm does the same).

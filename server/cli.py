@@ -35,7 +35,8 @@ def serve_parser(sub) -> None:
                    help="KV pool size (default: planned from available memory, at most 4 GiB on the CPU)")
     p.add_argument("--memory-utilization", type=float, default=0.9,
                    help="share of available memory the weights, KV pool and activations may take")
-    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--block-size", type=int, default=None,
+                   help="tokens per KV block (default: the attention backend's: 16; 256 with flash-attn on CUDA)")
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--max-pending", type=int, default=256,
                    help="admitted, unfinished requests before new ones get 429")

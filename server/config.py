@@ -13,7 +13,7 @@ class EngineConfig:
     dtype: str = "auto"
     device: str = "auto"
     max_model_len: int | None = None
-    block_size: int = 16
+    block_size: int | None = None        # None: the attention backend's (kernels.block_size_for: 16, flash-attn 256)
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     kv_cache_gib: float | None = None     # None: planned from available memory (server/engine/memory.py)

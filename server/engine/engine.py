@@ -8,6 +8,7 @@ import time
 
 import torch
 
+import kernels
 from kernels import native
 from protocol.errors import ProtocolError
 from protocol.types import Event, Failed, FinishReason, GenerateRequest
@@ -109,11 +110,12 @@ class Engine:
         model = build_model(folder, dtype, device, config.max_model_len, quantization=quantization,
                             keep_stored_dtype=keep_stored)
         memory.return_freed_memory(steady=device.type == "cpu")
-        plan = memory.plan_memory(weight_bytes(model), kv_bytes_per_token(model.config, dtype), config.block_size,
+        block_size = kernels.block_size_for(device, config.block_size)
+        plan = memory.plan_memory(weight_bytes(model), kv_bytes_per_token(model.config, dtype), block_size,
                                   activations, max_model_len, config.max_num_seqs, config.kv_cache_gib,
                                   config.memory_utilization, available)
         log.info("%s", plan.summary())
-        runner = ModelRunner(model, device, dtype, config.block_size, plan.num_blocks)
+        runner = ModelRunner(model, device, dtype, block_size, plan.num_blocks)
         # build the C++ model step now (once per machine) rather than on the first request
         native_step = device.type == "cpu" and dtype == torch.float32 and native.load() is not None
         rotary = model.model.rotary_emb
@@ -129,7 +131,7 @@ class Engine:
         weights = "GGUF types" if is_gguf else (f"{quantization} weights" if quantization in ("int8", "int4")
                                                  else f"{str(stored_dtype).removeprefix('torch.')} weights")
         log.info("paged engine: %s %s%s, %d KV blocks of %d tokens%s", device, dtype,
-                 f", {weights}" if weights else "", plan.num_blocks, config.block_size,
+                 f", {weights}" if weights else "", plan.num_blocks, block_size,
                  (", native step (one team)" if getattr(model, "_native", None) is not None and model._native.team
                   else ", native step") if native_step else "")
         engine = cls(runner, Tokenizer(folder), config, max_model_len)
