@@ -66,8 +66,10 @@ def gguf_tensors(hf_model, arch: str) -> dict[str, np.ndarray]:
     return out
 
 
-def write_gguf(path, hf_model, arch: str, qtype: str) -> dict[str, np.ndarray]:
-    """Write the GGUF; returns each tensor as the file holds it, dequantised (fp32, GGUF row order)."""
+def write_gguf(path, hf_model, arch: str, qtype: str, tensors: dict[str, np.ndarray] | None = None,
+               extra_kv=None) -> dict[str, np.ndarray]:
+    """Write the GGUF (the tensors of gguf_tensors unless given; extra_kv(writer) adds keys); returns each tensor
+    as the file holds it, dequantised (fp32, GGUF row order)."""
     cfg = hf_model.config
     w = gguf.GGUFWriter(str(path), arch)
     w.add_block_count(cfg.num_hidden_layers)
@@ -90,9 +92,11 @@ def write_gguf(path, hf_model, arch: str, qtype: str) -> dict[str, np.ndarray]:
             scale = cfg.max_position_embeddings / orig
             w.add_rope_scaling_attn_factors(rope.get("attention_factor") or
                                             (math.sqrt(1 + math.log(scale) / math.log(orig)) if scale > 1.0 else 1.0))
+    if extra_kv is not None:
+        extra_kv(w)
     stored = {}
-    for name, value in gguf_tensors(hf_model, arch).items():
-        if value.ndim == 2 and qtype != "F32":
+    for name, value in (gguf_tensors(hf_model, arch) if tensors is None else tensors).items():
+        if value.ndim >= 2 and qtype != "F32" and "ffn_gate_inp" not in name:   # routers stay F32, as llama-quantize keeps them
             kind = gguf.GGMLQuantizationType[qtype]
             q = gguf.quants.quantize(value, kind)
             w.add_tensor(name, q, raw_dtype=kind)

@@ -29,8 +29,9 @@ log = logging.getLogger("berth.engine")
 GGUF_LINK = "model.gguf"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                 "gemma3": "Gemma3ForCausalLM"}
-MODEL_TYPES = {"gemma3": "gemma3_text"}   # GGUF architecture -> transformers model_type, where they differ
+                 "gemma3": "Gemma3ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
+# GGUF architecture -> transformers model_type, where they differ (a llama file with experts is Mixtral)
+MODEL_TYPES = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 # llama.cpp's sliding-window layer patterns (llama-model.cpp set_swa_pattern: layer i is local unless
 # i % n == n - 1), used when the file has no attention.sliding_window_pattern
 GEMMA_SWA_PATTERN = {"gemma2": 2, "gemma3": 6}
@@ -84,7 +85,7 @@ def config_from_metadata(meta: dict, tensor_names: set[str]) -> dict:
     config = {
         "architectures": [ARCHITECTURES[arch]], "model_type": MODEL_TYPES.get(arch, arch),
         "hidden_size": hidden, "num_hidden_layers": int(get("block_count")),
-        "intermediate_size": int(get("feed_forward_length")), "num_attention_heads": heads,
+        "intermediate_size": int(get("feed_forward_length", 0)), "num_attention_heads": heads,
         "num_key_value_heads": int(get("attention.head_count_kv", heads)),
         "head_dim": int(get("attention.key_length", hidden // heads)),
         "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-5)),
@@ -100,6 +101,8 @@ def config_from_metadata(meta: dict, tensor_names: set[str]) -> dict:
         raise GgufError(f"GGUF rope scaling {get('rope.scaling.type')!r} is not supported natively")
     if arch == "qwen2":
         config["attention_bias"] = False   # Qwen2's q/k/v bias is implied by model_type
+    if get("expert_count"):
+        config.update(_moe_config(arch, get, config, tensor_names))
     if arch in GEMMA_SWA_PATTERN:
         del config["hidden_act"]   # Gemma's is hidden_activation
         config.update(_gemma_config(arch, get, config))
@@ -123,6 +126,27 @@ def config_from_metadata(meta: dict, tensor_names: set[str]) -> dict:
         if f"tokenizer.ggml.{name}_token_id" in meta:
             config[f"{name}_token_id"] = int(meta[f"tokenizer.ggml.{name}_token_id"])
     return config
+
+
+def _moe_config(arch: str, get, config: dict, tensor_names: set[str]) -> dict:
+    """Mixture-of-experts fields from llama.cpp's keys: a llama file with experts is Mixtral (always renormalised
+    top-k); qwen2moe renormalises never and has a gated shared expert, qwen3moe always (llama.cpp's norm_w).
+    Layers without a router tensor are dense (Qwen-MoE's mlp_only_layers)."""
+    experts, used = int(get("expert_count")), int(get("expert_used_count"))
+    if arch == "llama":
+        return {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "num_local_experts": experts,
+                "num_experts_per_tok": used}
+    if arch not in ("qwen2moe", "qwen3moe"):
+        raise GgufError(f"GGUF architecture {arch!r} with experts is not served natively")
+    out = {"num_experts": experts, "num_experts_per_tok": used, "norm_topk_prob": arch == "qwen3moe",
+           "moe_intermediate_size": int(get("expert_feed_forward_length")), "decoder_sparse_step": 1,
+           "mlp_only_layers": [i for i in range(config["num_hidden_layers"])
+                               if f"blk.{i}.ffn_gate_inp.weight" not in tensor_names]}
+    if arch == "qwen2moe":
+        out["shared_expert_intermediate_size"] = int(get("expert_shared_feed_forward_length", 0))
+    if get("feed_forward_length") is None:
+        config["intermediate_size"] = out["moe_intermediate_size"]
+    return out
 
 
 def _gemma_config(arch: str, get, config: dict) -> dict:
@@ -440,12 +464,51 @@ def _set_linear(linear, parts, dense_dtype, tensors: "GgufIndex | None" = None, 
     return value.nbytes
 
 
+LLAMA_PERMUTED = ("llama", "mixtral")   # model types whose q/k rows llama.cpp's converter interleaves
+
+
+def _set_experts(moe, tensors: "GgufIndex", i: int, dense_dtype) -> int:
+    """One layer's experts from llama.cpp's stacked tensors (ffn_{gate,up,down}_exps: expert e owns rows
+    e * rows .. (e + 1) * rows), each expert's gate|up fused and kept in the file's types; the router
+    (ffn_gate_inp) and Qwen2-MoE's shared expert gate in float, the shared experts (ffn_*_shexp) as dense layers."""
+    total = 0
+    p = f"blk.{i}."
+    moe.gate.weight = nn.Parameter(_dense(tensors, p + "ffn_gate_inp.weight"), requires_grad=False)
+    gate, up, down = (tensors.rows(p + f"ffn_{x}_exps.weight") for x in ("gate", "up", "down"))
+    n = len(moe.experts)
+    for e, expert in enumerate(moe.experts):
+        def part(t):
+            raw, kind, k = t
+            rows = raw.shape[0] // n
+            return raw[e * rows:(e + 1) * rows], kind, k
+        total += _set_linear(expert.gate_up_proj, [part(gate), part(up)], dense_dtype, tensors)
+        total += _set_linear(expert.down_proj, [part(down)], dense_dtype, tensors)
+    if moe.shared_experts is not None:
+        shared = moe.shared_experts
+        total += _set_linear(shared.gate_up_proj, [tensors.rows(p + "ffn_gate_shexp.weight"),
+                                                   tensors.rows(p + "ffn_up_shexp.weight")], dense_dtype, tensors)
+        total += _set_linear(shared.down_proj, [tensors.rows(p + "ffn_down_shexp.weight")], dense_dtype, tensors)
+    if moe.settings["shared_gate"]:
+        moe.shared_expert_gate.weight = nn.Parameter(_dense(tensors, p + "ffn_gate_inp_shexp.weight").reshape(1, -1),
+                                                     requires_grad=False)
+    return total
+
+
+def _dense(tensors: "GgufIndex", name: str) -> Tensor:
+    """A small tensor (router, gate vector) as fp32 whatever its type in the file."""
+    raw, kind, k = tensors.rows(tensors.get(name))
+    if kind in FLOAT_TYPES:
+        return _float_tensor(raw, kind, k).float()
+    return torch.from_numpy(dequantize(raw, kind, k)).float()
+
+
 def build_gguf_model(folder: str | Path, device: torch.device, max_positions: int | None = None):
     """LlamaForCausalLM whose weights come from folder/model.gguf in native layouts (CPU) or as dense
     `bf16` tensors (other devices). Returns (model, weight bytes)."""
     from transformers import AutoConfig
 
     from server.engine.models.llama import Linear, LlamaForCausalLM, is_supported
+    from server.engine.models.moe import SparseMoe
 
     device = torch.device(device)
     path = gguf_of(folder)
@@ -467,23 +530,26 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
             total += _set_linear(attn.qkv_proj, [tensors.rows(qkv)], dense_dtype, tensors, (qkv,))
         else:
             q, k, v = (tensors.get(f"blk.{i}.attn_{x}.weight") for x in "qkv")
-            q_order = _reverse_permute_rows(tensors.rows_of(q), heads) if arch == "llama" else None
-            k_order = _reverse_permute_rows(tensors.rows_of(k), kv_heads) if arch == "llama" else None
+            q_order = _reverse_permute_rows(tensors.rows_of(q), heads) if arch in LLAMA_PERMUTED else None
+            k_order = _reverse_permute_rows(tensors.rows_of(k), kv_heads) if arch in LLAMA_PERMUTED else None
             total += _set_linear(attn.qkv_proj, [tensors.rows(q, q_order), tensors.rows(k, k_order),
                                                  tensors.rows(v)], dense_dtype, tensors, (q, k, v))
         if attn.qkv_proj.bias is not None:
             bq, bk, bv = (tensors.vector(f"blk.{i}.attn_{x}.bias") for x in "qkv")
-            if arch == "llama":
+            if arch in LLAMA_PERMUTED:
                 bq, bk = bq[torch.from_numpy(q_order)], bk[torch.from_numpy(k_order)]
             attn.qkv_proj.bias = nn.Parameter(torch.cat([bq, bk, bv]), requires_grad=False)
         names = [f"blk.{i}.{x}.weight" for x in ("attn_output", "ffn_gate", "ffn_up", "ffn_down")]
         total += _set_linear(attn.o_proj, [tensors.rows(names[0])], dense_dtype, tensors, names[:1])
-        if arch == "phi3":   # no ffn_gate: ffn_up holds gate|up (2 x intermediate rows)
+        if isinstance(mlp, SparseMoe):
+            total += _set_experts(mlp, tensors, i, dense_dtype)
+        elif arch == "phi3":   # no ffn_gate: ffn_up holds gate|up (2 x intermediate rows)
             total += _set_linear(mlp.gate_up_proj, [tensors.rows(names[2])], dense_dtype, tensors, names[2:3])
         else:
             total += _set_linear(mlp.gate_up_proj, [tensors.rows(names[1]), tensors.rows(names[2])], dense_dtype,
                                  tensors, names[1:3])
-        total += _set_linear(mlp.down_proj, [tensors.rows(names[3])], dense_dtype, tensors, names[3:])
+        if not isinstance(mlp, SparseMoe):
+            total += _set_linear(mlp.down_proj, [tensors.rows(names[3])], dense_dtype, tensors, names[3:])
         layer.input_layernorm.weight = nn.Parameter(tensors.vector(f"blk.{i}.attn_norm.weight"), requires_grad=False)
         if gemma:   # post_attention_norm, ffn_norm (before the MLP), post_ffw_norm
             for module, name in ((layer.post_attention_layernorm, "post_attention_norm"),
