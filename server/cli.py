@@ -38,6 +38,8 @@ def serve_parser(sub) -> None:
     p.add_argument("--block-size", type=int, default=None,
                    help="tokens per KV block (default: the attention backend's: 16; 256 with flash-attn on CUDA)")
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run every decode step eagerly on CUDA (default: replay graphs captured at start)")
     p.add_argument("--max-pending", type=int, default=256,
                    help="admitted, unfinished requests before new ones get 429")
     p.add_argument("--quantization", choices=("auto", "none", "int8", "int4"), default="auto",
@@ -87,7 +89,8 @@ def serve(args) -> int:
                           max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                           kv_cache_gib=args.kv_cache_gib, enable_prefix_caching=not args.no_prefix_caching,
                           max_pending=args.max_pending, max_new_tokens=args.max_new_tokens,
-                          quantization=args.quantization, memory_utilization=args.memory_utilization)
+                          quantization=args.quantization, memory_utilization=args.memory_utilization,
+                          cuda_graphs=not args.no_cuda_graphs)
     from server.engine.memory import MemoryPlanError
 
     try:

@@ -22,6 +22,7 @@ class EngineConfig:
     max_pending: int = 256
     quantization: str = "auto"            # auto | none | int8 | int4 (weight-only; paged engine; see cli)
     max_new_tokens: int | None = None     # operator cap: longer requests are cut (finish_reason length)
+    cuda_graphs: bool = True              # decode steps replay CUDA graphs where they can (server/engine/cuda_graphs.py)
 
 
 def pick_device(name: str):

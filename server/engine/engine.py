@@ -116,6 +116,8 @@ class Engine:
                                   config.memory_utilization, available)
         log.info("%s", plan.summary())
         runner = ModelRunner(model, device, dtype, block_size, plan.num_blocks)
+        if config.cuda_graphs and device.type == "cuda":
+            runner.capture_cuda_graphs(config.max_num_seqs, max_model_len)
         # build the C++ model step now (once per machine) rather than on the first request
         native_step = device.type == "cpu" and dtype == torch.float32 and native.load() is not None
         rotary = model.model.rotary_emb
@@ -127,7 +129,7 @@ class Engine:
             native_step = False
             log.info("%s: every step runs the PyTorch path (the native step cannot compute them exactly)",
                      getattr(model, "native_reason", "partial rotary embeddings"))
-        stored_dtype = model.model.layers[0].mlp.down_proj.weight.dtype
+        stored_dtype = model.model.layers[0].self_attn.o_proj.weight.dtype   # (every attention has an o_proj)
         weights = "GGUF types" if is_gguf else (f"{quantization} weights" if quantization in ("int8", "int4")
                                                  else f"{str(stored_dtype).removeprefix('torch.')} weights")
         log.info("paged engine: %s %s%s, %d KV blocks of %d tokens%s", device, dtype,

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from kernels.metadata import build_metadata
+from server.engine import cuda_graphs
 from server.engine.models.arch import kv_layout
 from server.engine.scheduler import SchedulerOutput, needs_sample
 
@@ -37,6 +38,12 @@ class ModelRunner:
         # MLA (kv_layout shared): one latent row per token serves as key and value
         self.kv_caches = [(k, k) if shared else (k, _zeros(shape, dtype, device))
                           for k in (_zeros(shape, dtype, device) for _ in range(cfg.num_hidden_layers))]
+        self.graphs = None   # server.engine.cuda_graphs.CudaGraphs once captured (CUDA only)
+
+    def capture_cuda_graphs(self, max_num_seqs: int, max_model_len: int) -> None:
+        """Record decode steps as CUDA graphs when this runner can replay them (server/engine/cuda_graphs.py)."""
+        self.graphs = cuda_graphs.capture(self.model, self.kv_caches, self.device, self.block_size, max_num_seqs,
+                                          max_model_len)
 
     @torch.inference_mode()
     def run(self, out: SchedulerOutput) -> torch.Tensor:
@@ -57,6 +64,9 @@ class ModelRunner:
             block_tables.append(table[:(end + bs - 1) // bs])
             if needs_sample(s):
                 sample_rows.append(len(input_ids) - 1)
+        if self.graphs is not None and self.graphs.can_run(len(input_ids), len(query_lens), len(sample_rows)):
+            inputs = cuda_graphs.DecodeInputs(input_ids, positions, slot_mapping, context_lens, block_tables)
+            return self.graphs.run(inputs)                                           # (B, V), replayed
         meta = build_metadata(query_lens, context_lens, block_tables, slot_mapping, bs, self.device)
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)          # (T,)
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)          # (T,)

@@ -44,6 +44,7 @@ class SamplingTensors:
     any_top_p: bool
     any_min_p: bool
     any_logprobs: bool
+    max_top_k: int = 0                # the largest top_k of any row, known on the host (no device read)
 
     @classmethod
     def build(cls, params_list: list[SamplingParams], device: torch.device | str) -> SamplingTensors:
@@ -54,12 +55,12 @@ class SamplingTensors:
                             for p in params_list)
 
         def f32(values: list[float]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return to_device(torch.tensor(values, dtype=torch.float32), device)
 
         random = None if all_greedy else (
             f32([1.0 if g else p.temperature for g, p in zip(greedy, params_list)]),
-            torch.tensor(greedy, dtype=torch.bool, device=device),
-            torch.tensor(top_k, dtype=torch.int64, device=device),
+            to_device(torch.tensor(greedy, dtype=torch.bool), device),
+            to_device(torch.tensor(top_k, dtype=torch.int64), device),
             f32([p.top_p for p in params_list]),
             f32([p.min_p for p in params_list]))
         penalties = None if not any_penalties else (
@@ -75,6 +76,7 @@ class SamplingTensors:
             any_top_p=any(p.top_p < 1 for g, p in zip(greedy, params_list) if not g),
             any_min_p=any(p.min_p > 0 for g, p in zip(greedy, params_list) if not g),
             any_logprobs=any(p.logprobs for p in params_list),
+            max_top_k=max(top_k, default=0),
         )
 
 
@@ -112,12 +114,22 @@ class Sampler:
         greedy_ids = argmax(logits)   # (B,)
         logits = logits / t.temperatures.unsqueeze(1)
         if t.any_top_k or t.any_top_p:
-            logits = apply_top_k_top_p(logits, t.top_k if t.any_top_k else None, t.top_p if t.any_top_p else None)
+            logits = apply_top_k_top_p(logits, t.top_k if t.any_top_k else None, t.top_p if t.any_top_p else None,
+                                       t.max_top_k)
         probs = torch.softmax(logits, dim=-1)   # (B, V)
         if t.any_min_p:
             probs = apply_min_p(probs, t.min_p)
         sampled_ids = inverse_cdf_sample(probs, generators)
         return torch.where(t.is_greedy, greedy_ids, sampled_ids)
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device`; to CUDA through pinned memory and a non-blocking copy, so building a step's
+    sampling inputs never waits for the GPU (the caching host allocator keeps the pinned block until the
+    copy is done)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def argmax(logits: torch.Tensor) -> torch.Tensor:
@@ -144,7 +156,7 @@ def _token_counts(token_ids: list[list[int]], vocab_size: int, device: torch.dev
         padded[row, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
     counts = torch.zeros(len(token_ids), vocab_size + 1, dtype=torch.int64)   # (B, V + 1)
     counts.scatter_add_(1, padded, torch.ones_like(padded))
-    return counts[:, :vocab_size].to(device)
+    return to_device(counts[:, :vocab_size], device)
 
 
 def apply_penalties(logits: torch.Tensor, t: SamplingTensors, output_token_ids: list[list[int]],
@@ -161,14 +173,16 @@ def apply_penalties(logits: torch.Tensor, t: SamplingTensors, output_token_ids: 
     return logits - t.presence_penalties.unsqueeze(1) * (output_counts > 0)
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None) -> torch.Tensor:
+def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
+                      max_k: int | None = None) -> torch.Tensor:
     """Mask (to -inf) tokens outside each row's top_k (0 = off) and outside its top_p nucleus
     (the smallest set whose probability reaches top_p; the best token is always kept). Ties at the
-    k-th value are kept."""
+    k-th value are kept. max_k: top_k's largest value when the caller knows it (no device read)."""
     vocab_size = logits.shape[1]
     if top_p is None:   # top-k alone: a partial topk is cheaper than a full sort
         k = top_k.clamp(min=1, max=vocab_size)   # (B,)
-        best = logits.topk(int(k.max()), dim=-1).values   # (B, max_k)
+        num_best = int(k.max()) if max_k is None else min(max(max_k, 1), vocab_size)
+        best = logits.topk(num_best, dim=-1).values   # (B, max_k)
         kth = best.gather(1, (k - 1).unsqueeze(1)).masked_fill((top_k <= 0).unsqueeze(1), float("-inf"))
         return logits.masked_fill(logits < kth, float("-inf"))
     sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)   # (B, V)

@@ -153,3 +153,30 @@ def test_cpu_tensors_outside_the_interpreter_take_the_reference(monkeypatch):
     calls = []
     monkeypatch.setattr(reference, "paged_attention", lambda *a, **kw: calls.append(a) or a[0])
     assert tk.paged_attention(q, k_cache, v_cache, meta, 0.25) is q and len(calls) == 1
+    monkeypatch.setattr(tk, "INTERPRET", True)
+    wide = make_batch([(3, 1), (0, 4)], 4, 1, 320, torch.float32)   # MLA-sized heads: over MAX_HEAD_DIM
+    assert tk.paged_attention(wide[0], wide[3], wide[4], wide[5], 0.25) is wide[0] and len(calls) == 2
+
+
+def test_a_padded_cuda_graph_step_matches_the_unpadded_one():
+    """What a graph replays: server.engine.cuda_graphs' staging and metadata, 3 rows padded to 4, with
+    max_context_len the model's bound. Real rows equal the reference; the padding row stores nothing."""
+    from server.engine.cuda_graphs import DecodeInputs, Staging, fill_staging, graph_metadata
+
+    rows = [(40, 1), (2, 1), (17, 1)]
+    q, k, v, k_cache, v_cache, meta = make_batch(rows, 6, 2, 64, torch.float16)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    reference.store_kv(k, v, want_k, want_v, meta.slot_mapping)
+    want = reference.paged_attention(q, want_k, want_v, meta, 0.125)
+    tables = [meta.block_tables[i, :-(-(c + 1) // 16)].tolist() for i, (c, _) in enumerate(rows)]
+    inputs = DecodeInputs([0] * 3, [c for c, _ in rows], meta.slot_mapping.tolist(), [c + 1 for c, _ in rows],
+                          tables)
+    staging = Staging.empty(8, 16, "cpu")
+    fill_staging(inputs, 4, staging)
+    padded = graph_metadata(staging, torch.arange(9, dtype=torch.int32), 4, max_context_len=256, block_size=16)
+    q4, k4, v4 = (torch.cat([x, torch.randn_like(x[:1])]) for x in (q, k, v))
+    tk.store_kv(k4, v4, k_cache, v_cache, padded.slot_mapping)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+    got = tk.paged_attention(q4, k_cache, v_cache, padded, 0.125)
+    assert_close(got[:3], want, torch.float16)
+    assert torch.equal(got[3], torch.zeros_like(got[3]))
