@@ -35,10 +35,15 @@ class Shape:
     tied: bool = True      # no output.weight: the LM head is token_embd
     qkv_bias: bool = False
     context: int = 8192    # context_length written to the file (servers run -c 8192)
+    head_size: int = 0     # attention.key_length where it is not hidden / heads (Qwen3)
+    qk_norm: bool = False  # attn_q_norm / attn_k_norm per head (Qwen3)
+    experts: int = 0       # routed experts per layer (0: dense), each expert_ffn wide, expert_used per token
+    expert_used: int = 0
+    expert_ffn: int = 0
 
     @property
     def head_dim(self) -> int:
-        return self.hidden // self.heads
+        return self.head_size or self.hidden // self.heads
 
 
 MODELS: dict[str, Shape] = {
@@ -46,6 +51,11 @@ MODELS: dict[str, Shape] = {
     "8b": Shape("llama-3.1-8b", "llama", 4096, 32, 32, 8, 14336, tied=False),
     "qwen": Shape("qwen2.5-1.5b", "qwen2", 1536, 28, 12, 2, 8960, rope_theta=1e6, rms_eps=1e-6,
                   qkv_bias=True),
+    # Qwen3-30B-A3B's layer (128 experts of 768, 8 per token, head size 128, q/k norms) with 8 of its 48 layers:
+    # the full model's F16 file (61 GB) does not fit this machine's disk; per-layer work, and so the speed ratio
+    # of two servers, is the same at any depth
+    "qwen3moe": Shape("qwen3-30b-a3b-8l", "qwen3moe", 2048, 8, 32, 4, 6144, rope_theta=1e6, rms_eps=1e-6,
+                      tied=False, head_size=128, qk_norm=True, experts=128, expert_used=8, expert_ffn=768),
 }
 
 
@@ -64,8 +74,18 @@ def tensor_specs(shape: Shape, vocab: int) -> Iterator[tuple[str, tuple[int, ...
             yield p + "attn_q.bias", (q,), "bias"
             yield p + "attn_k.bias", (kv,), "bias"
             yield p + "attn_v.bias", (kv,), "bias"
+        if shape.qk_norm:
+            yield p + "attn_q_norm.weight", (shape.head_dim,), "norm"
+            yield p + "attn_k_norm.weight", (shape.head_dim,), "norm"
         yield p + "attn_output.weight", (h, q), "weight"
         yield p + "ffn_norm.weight", (h,), "norm"
+        if shape.experts:   # llama.cpp's stacked experts: (experts, rows, cols); the router stays F32
+            e, f = shape.experts, shape.expert_ffn
+            yield p + "ffn_gate_inp.weight", (e, h), "router"
+            yield p + "ffn_gate_exps.weight", (e, f, h), "weight"
+            yield p + "ffn_up_exps.weight", (e, f, h), "weight"
+            yield p + "ffn_down_exps.weight", (e, h, f), "weight"
+            continue
         yield p + "ffn_gate.weight", (shape.ffn, h), "weight"
         yield p + "ffn_up.weight", (shape.ffn, h), "weight"
         yield p + "ffn_down.weight", (h, shape.ffn), "weight"
@@ -75,7 +95,7 @@ def tensor_specs(shape: Shape, vocab: int) -> Iterator[tuple[str, tuple[int, ...
 
 
 def _dtype(kind: str, weight_dtype: np.dtype) -> np.dtype:
-    return np.dtype(np.float32) if kind in ("norm", "bias") else weight_dtype
+    return np.dtype(np.float32) if kind in ("norm", "bias", "router") else weight_dtype
 
 
 def file_bytes(shape: Shape, vocab: int, weight_dtype=np.float16) -> int:
@@ -179,6 +199,13 @@ def write_model(shape: Shape, path: Path, tokenizer_gguf: Path, weight_dtype=np.
     writer.add_layer_norm_rms_eps(shape.rms_eps)
     writer.add_rope_dimension_count(shape.head_dim)
     writer.add_vocab_size(vocab)
+    if shape.head_size:
+        writer.add_key_length(shape.head_size)
+        writer.add_value_length(shape.head_size)
+    if shape.experts:
+        writer.add_expert_count(shape.experts)
+        writer.add_expert_used_count(shape.expert_used)
+        writer.add_expert_feed_forward_length(shape.expert_ffn)
     for key, value, types in fields:
         sub = gguf.GGUFValueType(types[1]) if len(types) > 1 else None
         writer.add_key_value(key, value, gguf.GGUFValueType(types[0]), sub_type=sub)

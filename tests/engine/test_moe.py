@@ -283,3 +283,43 @@ def test_quantized_experts_run_on_the_native_kernels(moe_case, tmp_path, qtype):
     logits = run_chunk(model, new_caches(model, 64), PROMPT, 0, scattered_table(9))
     rows = (logits - ref).abs().amax(dim=1) / float(ref.max() - ref.min())
     assert float(rows.max()) <= 0.05 and int((rows > 0.03).sum()) <= len(PROMPT) // 10
+
+
+# ---- the whole engine: scheduler, block manager and the runner's caches (MLA: one latent tensor per layer) ----
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v3"])
+def test_engine_batches_sequences_through_moe_and_latent_attention(name, tmp_path, default_model):
+    """Four requests admitted at once, decoded together by the paged engine (continuous batching, chunked
+    prefill with a small token budget): each gets transformers' greedy tokens for its prompt alone."""
+    import shutil
+
+    from protocol.types import Finished, GenerateRequest, SamplingParams, TokenDelta
+    from server.config import EngineConfig
+    from server.engine.engine import Engine
+
+    hf_model = tiny(name)
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):   # ids < 128 only are used
+        shutil.copy(f"{default_model}/{f}", tmp_path / f)
+    config = EngineConfig(kv_cache_gib=0.01, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16,
+                          block_size=4)
+    engine = Engine.from_folder(str(tmp_path), config, torch.device("cpu"), torch.float32)
+    k_cache, v_cache = engine.runner.kv_caches[0]
+    assert (k_cache is v_cache) == name.startswith("deepseek")
+    prompts = [PROMPT, PROMPT[3:], PROMPT[:6], [5, 9, 33, 120, 64, 2, 7, 7, 90]]
+    for i, ids in enumerate(prompts):
+        engine.add(GenerateRequest(f"r{i}", SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                                   prompt_token_ids=ids))
+    tokens = {f"r{i}": [] for i in range(len(prompts))}
+    done = set()
+    while engine.has_unfinished():
+        for rid, ev in engine.step():
+            if isinstance(ev, TokenDelta):
+                tokens[rid] += ev.token_ids
+            elif isinstance(ev, Finished):
+                done.add(rid)
+    assert done == set(tokens)
+    hf_model.generation_config.eos_token_id = None   # ignore_eos, as the requests
+    for i, ids in enumerate(prompts):
+        expected = hf_model.generate(torch.tensor([ids]), max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert tokens[f"r{i}"] == expected[0, len(ids):].tolist(), i
