@@ -29,7 +29,8 @@ log = logging.getLogger("berth.engine")
 GGUF_LINK = "model.gguf"
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "mistral": "MistralForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
-                 "gemma3": "Gemma3ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM"}
+                 "gemma3": "Gemma3ForCausalLM", "qwen2moe": "Qwen2MoeForCausalLM", "qwen3moe": "Qwen3MoeForCausalLM",
+                 "deepseek2": "DeepseekV2ForCausalLM"}
 # GGUF architecture -> transformers model_type, where they differ (a llama file with experts is Mixtral)
 MODEL_TYPES = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
 # llama.cpp's sliding-window layer patterns (llama-model.cpp set_swa_pattern: layer i is local unless
@@ -97,11 +98,19 @@ def config_from_metadata(meta: dict, tensor_names: set[str]) -> dict:
     }
     if get("rope.scaling.type") == "linear":
         config["rope_scaling"] = {"rope_type": "linear", "factor": float(get("rope.scaling.factor"))}
+    elif get("rope.scaling.type") == "yarn":   # Qwen2.5's long context, DeepSeek V2/V3
+        config["rope_scaling"] = {"rope_type": "yarn", "factor": float(get("rope.scaling.factor")),
+                                  "original_max_position_embeddings": int(get("rope.scaling.original_context_length"))}
+        for key in ("beta_fast", "beta_slow"):
+            if get(f"rope.scaling.yarn_{key}") is not None:
+                config["rope_scaling"][key] = float(get(f"rope.scaling.yarn_{key}"))
     elif get("rope.scaling.type") not in (None, "none"):
         raise GgufError(f"GGUF rope scaling {get('rope.scaling.type')!r} is not supported natively")
     if arch == "qwen2":
         config["attention_bias"] = False   # Qwen2's q/k/v bias is implied by model_type
-    if get("expert_count"):
+    if arch == "deepseek2":
+        config.update(_deepseek_config(get, config, tensor_names))
+    elif get("expert_count"):
         config.update(_moe_config(arch, get, config, tensor_names))
     if arch in GEMMA_SWA_PATTERN:
         del config["hidden_act"]   # Gemma's is hidden_activation
@@ -146,6 +155,43 @@ def _moe_config(arch: str, get, config: dict, tensor_names: set[str]) -> dict:
         out["shared_expert_intermediate_size"] = int(get("expert_shared_feed_forward_length", 0))
     if get("feed_forward_length") is None:
         config["intermediate_size"] = out["moe_intermediate_size"]
+    return out
+
+
+def _deepseek_config(get, config: dict, tensor_names: set[str]) -> dict:
+    """DeepSeek V2 / V3 (llama.cpp's deepseek2) fields. Sigmoid gating (expert_gating_func 2) is V3's router,
+    softmax V2's (group-limited when the file has expert groups). The MLA sizes: key_length_mla / value_length_mla
+    where the file has them (key_length is then kv_lora_rank + rope dims, llama.cpp's absorbed MQA view), else
+    key_length / value_length. YaRN's mscale_all_dim comes back from yarn_log_multiplier (0.1 * mscale_all_dim);
+    mscale is taken equal to it (DeepSeek's released configs), i.e. no extra factor on cos and sin."""
+    rope = int(get("rope.dimension_count"))
+    key = int(get("attention.key_length_mla", 0) or get("attention.key_length"))
+    sigmoid = int(get("expert_gating_func", 1) or 1) == 2
+    groups = int(get("expert_group_count", 1) or 1)
+    out = {
+        "architectures": ["DeepseekV3ForCausalLM" if sigmoid else "DeepseekV2ForCausalLM"],
+        "model_type": "deepseek_v3" if sigmoid else "deepseek_v2",
+        "kv_lora_rank": int(get("attention.kv_lora_rank")), "q_lora_rank": get("attention.q_lora_rank"),
+        "qk_rope_head_dim": rope, "qk_nope_head_dim": key - rope, "head_dim": rope,
+        "v_head_dim": int(get("attention.value_length_mla", 0) or get("attention.value_length")),
+        "num_key_value_heads": config["num_attention_heads"],
+        "first_k_dense_replace": int(get("leading_dense_block_count", 0)),
+        "n_routed_experts": int(get("expert_count", 0) or 0) or None,
+        "num_experts_per_tok": int(get("expert_used_count", 0) or 0) or None,
+        "moe_intermediate_size": int(get("expert_feed_forward_length", 0) or 0) or None,
+        "n_shared_experts": int(get("expert_shared_count", 0) or 0),
+        "routed_scaling_factor": float(get("expert_weights_scale", 1.0) or 1.0),
+        "norm_topk_prob": bool(get("expert_weights_norm", False)),
+        "n_group": groups, "topk_group": int(get("expert_group_used_count", 1) or 1),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+    }
+    if not sigmoid:
+        out["topk_method"] = "group_limited_greedy" if groups > 1 else "greedy"
+    if out["q_lora_rank"] is not None:
+        out["q_lora_rank"] = int(out["q_lora_rank"])
+    if config.get("rope_scaling") and get("rope.scaling.yarn_log_multiplier") is not None:
+        mscale_all_dim = float(get("rope.scaling.yarn_log_multiplier")) / 0.1
+        config["rope_scaling"].update(mscale=mscale_all_dim, mscale_all_dim=mscale_all_dim)
     return out
 
 
@@ -195,13 +241,31 @@ def write_sidecar(gguf: Path, folder: Path) -> Path:
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
     eos = [int(meta[k]) for k in ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id") if k in meta]
     (tmp / "generation_config.json").write_text(json.dumps({"eos_token_id": sorted(set(eos))}))
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tokenizer.save_pretrained(str(tmp))
+    _tokenizer_of(gguf).save_pretrained(str(tmp))
     os.symlink(gguf.resolve(), tmp / GGUF_LINK)
     (tmp / ".complete").write_text("ok\n")
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
+
+
+def _tokenizer_of(gguf: Path):
+    """The tokenizer transformers builds from the file's tokenizer.* fields. AutoTokenizer also parses the model's
+    config and refuses architectures transformers cannot load from GGUF (deepseek2): for those the same builder
+    runs on the tokenizer fields alone (they describe the tokenizer whatever the architecture)."""
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except ValueError as exc:
+        if "not supported" not in str(exc):
+            raise
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    architecture, tokenizer_dict, tokenizer_config = get_gguf_tokenizer(str(gguf))
+    backend, extra = convert_gguf_tokenizer(architecture, tokenizer_dict)
+    config = {k: v for k, v in {**tokenizer_config, **extra}.items() if v is not None}
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=backend, **config)
 
 
 # ---- tensors -> model ---------------------------------------------------------------------------
@@ -464,7 +528,35 @@ def _set_linear(linear, parts, dense_dtype, tensors: "GgufIndex | None" = None, 
     return value.nbytes
 
 
-LLAMA_PERMUTED = ("llama", "mixtral")   # model types whose q/k rows llama.cpp's converter interleaves
+LLAMA_PERMUTED = ("llama", "mixtral")
+
+
+def _set_mla(attn, tensors: "GgufIndex", i: int, dense_dtype) -> int:
+    """A DeepSeek layer's latent attention. kv_b_proj comes as one tensor (attn_kv_b, older files) or as llama.cpp's
+    absorbed pair: attn_k_b (heads, rank, nope: each head's W_uk transposed) and attn_v_b (heads, v, rank), which
+    become MLAttention's absorbed matrices directly (float: they multiply per head)."""
+    p = f"blk.{i}."
+    total = 0
+    if attn.q_lora_rank:
+        total += _set_linear(attn.q_a_proj, [tensors.rows(p + "attn_q_a.weight")], dense_dtype, tensors)
+        attn.q_a_layernorm.weight = nn.Parameter(tensors.vector(p + "attn_q_a_norm.weight"), requires_grad=False)
+        total += _set_linear(attn.q_b_proj, [tensors.rows(p + "attn_q_b.weight")], dense_dtype, tensors)
+    else:
+        total += _set_linear(attn.q_proj, [tensors.rows(p + "attn_q.weight")], dense_dtype, tensors)
+    total += _set_linear(attn.kv_a_proj_with_mqa, [tensors.rows(p + "attn_kv_a_mqa.weight")], dense_dtype, tensors)
+    attn.kv_a_layernorm.weight = nn.Parameter(tensors.vector(p + "attn_kv_a_norm.weight"), requires_grad=False)
+    if tensors.get(p + "attn_kv_b.weight", required=False) is not None:
+        total += _set_linear(attn.kv_b_proj, [tensors.rows(p + "attn_kv_b.weight")], dense_dtype, tensors)
+        attn.absorbed()
+    else:
+        heads = attn.num_heads
+        w_uk = _dense(tensors, p + "attn_k_b.weight").view(heads, attn.rank, attn.nope).transpose(1, 2)
+        w_uv = _dense(tensors, p + "attn_v_b.weight").view(heads, attn.v_dim, attn.rank)
+        attn._absorbed = (w_uk.contiguous(), w_uv.contiguous())
+        attn.kv_b_proj.weight = nn.Parameter(torch.empty(0), requires_grad=False)
+    total += sum(w.nbytes for w in attn._absorbed)
+    total += _set_linear(attn.o_proj, [tensors.rows(p + "attn_output.weight")], dense_dtype, tensors)
+    return total   # model types whose q/k rows llama.cpp's converter interleaves
 
 
 def _set_experts(moe, tensors: "GgufIndex", i: int, dense_dtype) -> int:
@@ -474,6 +566,8 @@ def _set_experts(moe, tensors: "GgufIndex", i: int, dense_dtype) -> int:
     total = 0
     p = f"blk.{i}."
     moe.gate.weight = nn.Parameter(_dense(tensors, p + "ffn_gate_inp.weight"), requires_grad=False)
+    if moe.settings["score_bias"]:   # DeepSeek V3's e_score_correction_bias
+        moe.gate.e_score_correction_bias = nn.Parameter(tensors.vector(p + "exp_probs_b.bias"), requires_grad=False)
     gate, up, down = (tensors.rows(p + f"ffn_{x}_exps.weight") for x in ("gate", "up", "down"))
     n = len(moe.experts)
     for e, expert in enumerate(moe.experts):
@@ -508,6 +602,7 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
     from transformers import AutoConfig
 
     from server.engine.models.llama import Linear, LlamaForCausalLM, is_supported
+    from server.engine.models.mla import MLAttention
     from server.engine.models.moe import SparseMoe
 
     device = torch.device(device)
@@ -526,7 +621,9 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
     for i, layer in enumerate(model.model.layers):
         attn, mlp = layer.self_attn, layer.mlp
         qkv = tensors.get(f"blk.{i}.attn_qkv.weight", required=False)   # Phi-3: q|k|v rows already fused
-        if qkv is not None:
+        if isinstance(attn, MLAttention):
+            total += _set_mla(attn, tensors, i, dense_dtype)
+        elif qkv is not None:
             total += _set_linear(attn.qkv_proj, [tensors.rows(qkv)], dense_dtype, tensors, (qkv,))
         else:
             q, k, v = (tensors.get(f"blk.{i}.attn_{x}.weight") for x in "qkv")
@@ -534,13 +631,14 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
             k_order = _reverse_permute_rows(tensors.rows_of(k), kv_heads) if arch in LLAMA_PERMUTED else None
             total += _set_linear(attn.qkv_proj, [tensors.rows(q, q_order), tensors.rows(k, k_order),
                                                  tensors.rows(v)], dense_dtype, tensors, (q, k, v))
-        if attn.qkv_proj.bias is not None:
+        if not isinstance(attn, MLAttention) and attn.qkv_proj.bias is not None:
             bq, bk, bv = (tensors.vector(f"blk.{i}.attn_{x}.bias") for x in "qkv")
             if arch in LLAMA_PERMUTED:
                 bq, bk = bq[torch.from_numpy(q_order)], bk[torch.from_numpy(k_order)]
             attn.qkv_proj.bias = nn.Parameter(torch.cat([bq, bk, bv]), requires_grad=False)
         names = [f"blk.{i}.{x}.weight" for x in ("attn_output", "ffn_gate", "ffn_up", "ffn_down")]
-        total += _set_linear(attn.o_proj, [tensors.rows(names[0])], dense_dtype, tensors, names[:1])
+        if not isinstance(attn, MLAttention):
+            total += _set_linear(attn.o_proj, [tensors.rows(names[0])], dense_dtype, tensors, names[:1])
         if isinstance(mlp, SparseMoe):
             total += _set_experts(mlp, tensors, i, dense_dtype)
         elif arch == "phi3":   # no ffn_gate: ffn_up holds gate|up (2 x intermediate rows)
@@ -559,7 +657,7 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
         else:
             layer.post_attention_layernorm.weight = nn.Parameter(tensors.vector(f"blk.{i}.ffn_norm.weight"),
                                                                  requires_grad=False)
-        if attn.has_qk_norm:
+        if getattr(attn, "has_qk_norm", False):
             attn.q_norm.weight = nn.Parameter(tensors.vector(f"blk.{i}.attn_q_norm.weight"), requires_grad=False)
             attn.k_norm.weight = nn.Parameter(tensors.vector(f"blk.{i}.attn_k_norm.weight"), requires_grad=False)
         for name in [n for n in tensors.tensors if n.startswith(f"blk.{i}.")]:
