@@ -2,10 +2,12 @@
 
     python -m bench.engine [--concurrency 1,8,32,64] [--input-len 128] [--output-len 128] [--runs 3]
                            [--dtype auto] [--engines paged,hf] [--json bench/results/engine.json] [--profile]
+                           [--device cpu|cuda] [--random-weights] [--no-cuda-graphs]
 
 Prompts are seeded random token ids (input-len each), generation ignores EOS, greedy. Prints output
 tokens/s and mean step time per point (median of --runs), a one-step phase profile of the paged engine,
-and writes JSON.
+and writes JSON. --random-weights: SmolLM2-135M's shape with random weights and a stand-in tokenizer, built
+in a temporary folder (bench/random_model.py): no model file needed, as on a lent GPU (bench/gpu.sh).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import argparse
 import json
 import random
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import server  # noqa: F401  (OMP_WAIT_POLICY before torch)
 import torch
 
 from protocol.types import GenerateRequest, SamplingParams
-from server.config import EngineConfig, pick_dtype
+from server.config import EngineConfig, pick_device, pick_dtype
 from server.model_store import resolve_model
 
 
@@ -43,7 +46,7 @@ def run_paged(engine, prompts: list[list[int]], output_len: int) -> tuple[float,
 
 @torch.inference_mode()
 def run_hf(model, prompts: list[list[int]], output_len: int) -> tuple[float, int, int]:
-    ids = torch.tensor(prompts)                                            # (B, P), equal lengths
+    ids = torch.tensor(prompts, device=model.device)                       # (B, P), equal lengths
     start = time.perf_counter()
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=output_len,
                          min_new_tokens=output_len, do_sample=False, pad_token_id=0)
@@ -100,28 +103,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", action="store_true", help="print a one-step phase profile per point")
     ap.add_argument("--quantized-max-rows", type=int, default=None,
                     help="override models.llama.QUANTIZED_MAX_ROWS (largest input a quantized weight multiplies)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda (auto: cuda when there is one)")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="SmolLM2-135M's shape with random weights instead of --model (nothing to download)")
+    ap.add_argument("--no-cuda-graphs", action="store_true", help="run every CUDA decode step eagerly")
+    ap.add_argument("--kv-cache-gib", type=float, default=1.0)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     args = ap.parse_args(argv)
     if args.quantized_max_rows is not None:
         from server.engine.models import llama
         llama.QUANTIZED_MAX_ROWS = args.quantized_max_rows
-    folder = str(resolve_model(args.model))
-    dtype = pick_dtype(args.dtype, torch.device("cpu"))
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    folder = hf_folder = random_folder(dtype) if args.random_weights else str(resolve_model(args.model))
     levels = [int(c) for c in args.concurrency.split(",")]
     engines = args.engines.split(",")
-    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "dtype": str(dtype), "quantization": args.quantization, "isa": _isa(), "threads": torch.get_num_threads(),
-               "input_len": args.input_len, "output_len": args.output_len, "runs": args.runs, "points": []}
+    results = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "dtype": str(dtype), "quantization": args.quantization,
+               "device": _device_name(device), "isa": _isa() if device.type == "cpu" else None,
+               "threads": torch.get_num_threads(), "model": "random SmolLM2-135M shape" if args.random_weights
+               else args.model, "input_len": args.input_len, "output_len": args.output_len, "runs": args.runs,
+               "points": []}
     paged = hf = None
     if "paged" in engines:
+        import kernels
         from server.engine.engine import Engine
 
-        paged = Engine.from_folder(folder, EngineConfig(max_num_seqs=max(levels), kv_cache_gib=1.0,
-                                                        max_num_batched_tokens=2048,
-                                                        quantization=args.quantization), torch.device("cpu"), dtype)
+        config = EngineConfig(max_num_seqs=max(levels), kv_cache_gib=args.kv_cache_gib,
+                              max_num_batched_tokens=args.max_num_batched_tokens, quantization=args.quantization,
+                              cuda_graphs=not args.no_cuda_graphs)
+        paged = Engine.from_folder(folder, config, device, dtype)
+        results.update(attention=kernels.BACKEND if device.type == "cuda" else "reference",
+                       block_size=paged.runner.block_size, cuda_graphs=paged.runner.graphs is not None)
     if "hf" in engines:
         import transformers
 
-        hf = transformers.AutoModelForCausalLM.from_pretrained(str(resolve_model(args.model, dequantize=True)),
-                                                               dtype=dtype).eval()
+        if not args.random_weights:
+            hf_folder = str(resolve_model(args.model, dequantize=True))
+        hf = transformers.AutoModelForCausalLM.from_pretrained(hf_folder, dtype=dtype).to(device).eval()
     vocab = 49152 if paged is None else paged.tokenizer.vocab_size
     run_paged(paged, make_prompts(1, 16, vocab, 99), 4) if paged else None          # warm-up
     print(f"dtype {dtype}, threads {torch.get_num_threads()}, prompts {args.input_len} -> {args.output_len} tokens")
@@ -147,6 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.json).write_text(json.dumps(results, indent=2))
     print(f"wrote {args.json}")
     return 0
+
+
+def random_folder(dtype: torch.dtype) -> str:
+    from bench.random_model import SMOLLM2_135M, write_random_model
+
+    folder = tempfile.mkdtemp(prefix="berth-random-")
+    return str(write_random_model(folder, SMOLLM2_135M, str(dtype).removeprefix("torch.")))
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def _isa() -> str:

@@ -73,14 +73,14 @@ def _decode_split_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, cont
             v = v.to(tl.float32)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
-    l_safe = tl.where(l_i == 0.0, 1.0, l_i)      # an empty split (or a zero-length padding row) writes zeros
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)      # a zero-length padding row gets zeros
     out = acc / l_safe[:, None]
     if ONE_SPLIT:
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=gd_mask)
-    else:
+    else:   # an empty split (past the context: most of them under a CUDA graph) writes only its lse
         tl.store(out_ptr + seq * stride_ot + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :],
-                 out, mask=gd_mask)
+                 out, mask=gd_mask & (l_i > 0.0)[:, None])
         lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log(l_safe))
         tl.store(lse_ptr + seq * stride_lt + heads * stride_lh + split, lse, mask=offs_g < GROUP)
 
@@ -98,8 +98,9 @@ def _decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, num_splits,
     m = tl.max(lse, 0)
     weight = tl.exp(lse - tl.where(m == float("-inf"), 0.0, m))                 # 0 for empty splits
     total = tl.sum(weight, 0)
+    filled = s_mask & (lse > float("-inf"))                                     # splits that wrote a part
     parts = tl.load(part_ptr + seq * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-                    mask=s_mask[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)   # (BLOCK_S, BLOCK_D)
+                    mask=filled[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)   # (BLOCK_S, BLOCK_D)
     out = tl.sum(parts * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
     tl.store(out_ptr + seq * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
              mask=offs_d < HEAD_DIM)

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 
-import llguidance
-
 from protocol.tools import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from protocol.types import Constraint, ToolSpec
 
@@ -25,6 +23,8 @@ class GrammarSpecError(ValueError):
 
 
 def grammar_text(constraint: Constraint) -> str:
+    import llguidance   # here, not at import: an engine that never compiles a grammar never needs it
+
     kind, spec = constraint.kind, constraint.spec
     try:
         if kind == "json":

@@ -22,7 +22,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from kernels import reference  # noqa: E402
-from kernels.metadata import AttentionMetadata, build_metadata  # noqa: E402
+from kernels.metadata import AttentionMetadata  # noqa: E402
+from tests.kernels.paged_batch import make_batch  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("triton was imported before TRITON_INTERPRET=1 was set (run through test_triton_attention.py)",
@@ -36,27 +37,6 @@ TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 # (num_cached, q_len) per sequence, decode rows first: contexts off the block boundaries, prefills with and
 # without a cached prefix
 MIXED = [(37, 1), (0, 1), (20, 1), (0, 23), (18, 7), (33, 21)]
-
-
-def make_batch(rows, num_heads, num_kv_heads, head_dim, dtype, block_size=16, num_blocks=64, seed=0):
-    """A paged cache holding each row's cached prefix in shuffled blocks (holes between a row's blocks),
-    this step's q, k, v and the metadata. Returns q, k, v, k_cache, v_cache, meta."""
-    gen = torch.Generator().manual_seed(seed)
-    free_blocks = torch.randperm(num_blocks, generator=gen).tolist()
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache, v_cache = torch.randn(shape, generator=gen).to(dtype), torch.randn(shape, generator=gen).to(dtype)
-    tables, slot_mapping = [], []
-    for num_cached, q_len in rows:
-        ctx = num_cached + q_len
-        table = [free_blocks.pop() for _ in range(-(-ctx // block_size))]
-        tables.append(table)
-        slot_mapping += [table[p // block_size] * block_size + p % block_size for p in range(num_cached, ctx)]
-    num_tokens = sum(q for _, q in rows)
-    q = torch.randn(num_tokens, num_heads, head_dim, generator=gen).to(dtype)
-    k = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
-    v = torch.randn(num_tokens, num_kv_heads, head_dim, generator=gen).to(dtype)
-    meta = build_metadata([q for _, q in rows], [c + q for c, q in rows], tables, slot_mapping, block_size, "cpu")
-    return q, k, v, k_cache, v_cache, meta
 
 
 def assert_close(got, want, dtype):
