@@ -26,3 +26,9 @@ def upcast(dtype: torch.dtype) -> bool:
     """Products in fp32 after loading: the interpreter's tl.dot reads bf16 as raw integers (Triton 3.9), so
     on the CPU bf16 tiles are widened first; on the GPU bf16 goes to the tensor cores as it is."""
     return INTERPRET and dtype == torch.bfloat16
+
+
+def key_tile(head_dim: int, dtype: torch.dtype, tile: int = 64) -> int:
+    """Keys (and prefill queries) per tile: `tile`, halved for rows over 256 bytes (fp32 at head size 128,
+    bf16 at 256) so that a program's K and V tiles stay well inside an A100's 164 KB of shared memory."""
+    return tile if head_dim * torch.empty((), dtype=dtype).element_size() <= 256 else tile // 2

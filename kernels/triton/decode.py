@@ -16,10 +16,11 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.metadata import AttentionMetadata
-from kernels.triton.common import dot_precision, softcap_scores, upcast
+from kernels.triton.common import dot_precision, key_tile, softcap_scores, upcast
 
 PARTITION = 256   # context tokens per split
-BLOCK_N = 64      # keys per inner iteration (gathered per token through the block table: any block size)
+BLOCK_N = 64      # keys per inner iteration, gathered per token through the block table (any block size);
+                  # key_tile: 32 for wide rows
 
 
 @triton.jit(do_not_specialize=["window"])
@@ -108,13 +109,13 @@ def _decode_reduce_kernel(part_ptr, lse_ptr, out_ptr, num_splits,
 
 def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float,
                      out: Tensor, window: int | None = None, softcap: float | None = None,
-                     partition: int = PARTITION, block_n: int = BLOCK_N) -> None:
+                     partition: int = PARTITION, block_n: int | None = None) -> None:
     """Attention of the decode rows q (Bd, Hq, D), rows 0..Bd-1 of meta, into out (Bd, Hq, D)."""
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     num_splits = max(1, triton.cdiv(meta.max_context_len, partition))
-    block_n = min(block_n, partition)
+    block_n = min(block_n or key_tile(head_dim, q.dtype, BLOCK_N), partition)
     if num_splits == 1:   # the output itself; lse unused
         parts, lse, part_strides, lse_strides = out, out, (out.stride(0), out.stride(1), 0), (0, 0)
     else:

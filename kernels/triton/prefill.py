@@ -12,10 +12,10 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.metadata import AttentionMetadata
-from kernels.triton.common import dot_precision, softcap_scores, upcast
+from kernels.triton.common import dot_precision, key_tile, softcap_scores, upcast
 
-BLOCK_M = 64   # queries per program
-BLOCK_N = 64   # keys per inner iteration
+BLOCK_M = 64   # queries per program (key_tile: 32 for wide rows)
+BLOCK_N = 64   # keys per inner iteration (key_tile: 32 for wide rows)
 
 
 @triton.jit(do_not_specialize=["window", "first_seq"])
@@ -85,9 +85,11 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
 
 def prefill_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: AttentionMetadata, scale: float,
                       out: Tensor, window: int | None = None, softcap: float | None = None,
-                      block_m: int = BLOCK_M, block_n: int = BLOCK_N) -> None:
+                      block_m: int | None = None, block_n: int | None = None) -> None:
     """Attention of the prefill rows (sequences num_decode_seqs..) of q (T, Hq, D) into the same rows of out."""
     num_heads, head_dim = q.shape[1], q.shape[2]
+    block_m = block_m or key_tile(head_dim, q.dtype, BLOCK_M)
+    block_n = block_n or key_tile(head_dim, q.dtype, BLOCK_N)
     num_prefill = meta.num_seqs - meta.num_decode_seqs
     if num_prefill == 0:
         return
