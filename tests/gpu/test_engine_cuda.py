@@ -87,7 +87,7 @@ def assert_matches(got: dict[str, list[int]], refs: dict[str, tuple], tie: float
 def references(folder: str, dtype: torch.dtype, prompt_ids: list[list[int]]) -> dict[str, tuple]:
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(CUDA).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder).to(device=CUDA, dtype=dtype).eval()
     return {f"p{i}": hf_greedy(model, ids) for i, ids in enumerate(prompt_ids)}
 
 

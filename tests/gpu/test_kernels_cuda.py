@@ -14,7 +14,7 @@ from tests.kernels.paged_batch import make_batch  # noqa: E402
 
 triton_kernels = pytest.importorskip("kernels.triton", reason="triton does not import here")
 
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 # decode rows over 1-5 splits of 256 tokens, prompts, chunks after a cached prefix; few contexts on a block edge
 ROWS = [(1100, 1), (0, 1), (255, 1), (513, 1), (0, 300), (500, 77), (31, 2)]
 
@@ -26,8 +26,11 @@ def check(dtype, heads, head_dim, rows=ROWS, window=None, softcap=None):
     triton_kernels.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
     scale = head_dim ** -0.5
-    want = reference.paged_attention(q, k_cache, v_cache, meta, scale, k, v, window=window, softcap=softcap)
+    # the oracle in fp32: the reference's own half-precision SDPA rounds differently from the kernels
+    want = reference.paged_attention(q.float(), k_cache.float(), v_cache.float(), meta, scale, window=window,
+                                     softcap=softcap)
     got = triton_kernels.paged_attention(q, k_cache, v_cache, meta, scale, k, v, window=window, softcap=softcap)
+    assert got.dtype == dtype
     tol = TOLERANCE[dtype]
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
