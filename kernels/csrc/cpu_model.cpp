@@ -774,10 +774,12 @@ class NativeModel {
 
 void register_gguf_repack(pybind11::module& m);  // gguf_repack.cpp
 void register_token_mask(pybind11::module& m);   // token_mask.cpp
+void register_moe(pybind11::module& m);          // moe.cpp
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   register_gguf_repack(m);
   register_token_mask(m);
+  register_moe(m);
   m.def("bf16_min_rows", &berth::bf16_min_rows,
         "products of at least this many rows run in bf16 through oneDNN (AMX); 0: never on this CPU");
   m.def("isa", []() { return std::string(berth::kernels().isa); },

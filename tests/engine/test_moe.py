@@ -456,3 +456,27 @@ def test_deepseek_gguf_sidecar_has_the_files_tokenizer(tmp_path, default_gguf_mo
     reference = transformers.AutoTokenizer.from_pretrained(default_gguf_model)
     text = "Hello, world! 12 times 7 is 84."
     assert ours.encode(text, add_special_tokens=False) == reference.encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_native_moe_call_equals_the_pytorch_loop(tmp_path, qtype):
+    """kernels/csrc/moe.cpp (one call per layer) against SparseMoe.routed_torch on the same native weights: the
+    same int8-rounded activations and block kernels, so equal up to float rounding; several tokens sharing
+    experts, and a decode-sized batch of one."""
+    from kernels import native
+    from server.engine.models.gguf_loader import build_gguf_model
+    from tests.engine.test_gguf_models import make_folder
+
+    if native.load() is None:
+        pytest.skip("the native extension is not built here")
+    hf_model = tiny("qwen3_moe")
+    write_moe_gguf(tmp_path / "m.gguf", hf_model, "qwen3_moe", qtype)
+    model, _ = build_gguf_model(make_folder(tmp_path, tmp_path / "m.gguf"), torch.device("cpu"))
+    moe = model.model.layers[0].mlp
+    torch.manual_seed(2)
+    for tokens in (1, 11):
+        x = torch.randn(tokens, model.config.hidden_size)
+        weights, ids = moe.gate(x)
+        got = moe.routed(x, weights, ids)
+        assert moe._native is not None
+        torch.testing.assert_close(got, moe.routed_torch(x, weights, ids), atol=1e-5, rtol=1e-4)

@@ -140,7 +140,26 @@ class SparseMoe(nn.Module):
         return out
 
     def routed(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-        """Sum over each token's chosen experts of weight * expert(x), one product per chosen expert."""
+        """Sum over each token's chosen experts of weight * expert(x), one product per chosen expert: in one
+        native call (kernels/csrc/moe.cpp) when every expert is in a native kernel's layout, else below."""
+        native_moe = self._native_moe(x)
+        if native_moe is not None:
+            return native_moe.forward(x, ids, weights)
+        return self.routed_torch(x, weights, ids)
+
+    use_native = True   # False: always the PyTorch loop (the oracle the native call is tested against)
+
+    def _native_moe(self, x: Tensor):
+        """The native MoE for fp32 CPU activations when every expert's products are native int4/int8 (GGUF types,
+        or --quantization int4's native layout), SiLU-gated and bias-free; else None (decided once)."""
+        if not (self.use_native and x.dtype == torch.float32 and x.device.type == "cpu"):
+            return None
+        cached = getattr(self, "_native", False)
+        if cached is False:
+            cached = self._native = _build_native(self.experts)
+        return cached
+
+    def routed_torch(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         k = ids.shape[1]
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)                                     # (T*k,) slots grouped by expert
@@ -157,3 +176,32 @@ class SparseMoe(nn.Module):
             y = self.experts[expert](x.index_select(0, tokens))
             out.index_add_(0, tokens, y * slot_weights.index_select(0, slots)[:, None])
         return out
+
+
+def _native_product(linear) -> tuple | None:
+    """(is_q4, a, b, n) of a Linear held in a native kernel's layout, else None."""
+    from kernels.gguf_repack import NativeQ4
+
+    if linear.bias is not None:
+        return None
+    w = linear.native
+    if isinstance(w, NativeQ4):
+        return True, w.q4_packed, w.q4_scale_min, w.out_features
+    if w is not None:
+        return False, w.qweight, w.scales, w.out_features
+    q = linear.int4
+    if q is not None and q.q4_packed is not None:
+        return True, q.q4_packed, q.q4_scale_min, q.q4_packed.shape[0] * 8   # int4 needs N % 16 == 0: no padding
+    return None
+
+
+def _build_native(experts):
+    from kernels import native
+
+    ext = native.load()
+    if ext is None or any(getattr(e, "gelu", None) is not None for e in experts):
+        return None
+    pairs = [(_native_product(e.gate_up_proj), _native_product(e.down_proj)) for e in experts]
+    if any(a is None or b is None for a, b in pairs):
+        return None
+    return ext.NativeMoe(pairs)

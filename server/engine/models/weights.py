@@ -173,6 +173,8 @@ def weight_bytes(model) -> int:
     for p in model.parameters():
         add(p)
     for module in model.modules():
+        for t in getattr(module, "_absorbed", None) or ():   # MLA's per-head matrices (models/mla.py)
+            add(t)
         for attr in ("int8", "int4", "native"):
             value = getattr(module, attr, None)
             if value is not None:
