@@ -18,7 +18,8 @@ from torch import Tensor
 from kernels.metadata import AttentionMetadata
 from kernels.triton.common import dot_precision, key_tile, softcap_scores, upcast
 
-PARTITION = 256   # context tokens per split
+PARTITION = 256   # context tokens per split, at least
+MAX_SPLITS = 32   # more splits only add empty programs (a graph's bound of 128k tokens: 4096-token splits)
 BLOCK_N = 64      # keys per inner iteration, gathered per token through the block table (any block size);
                   # key_tile: 32 for wide rows
 
@@ -114,6 +115,7 @@ def decode_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, meta: Attentio
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
+    partition = max(partition, triton.next_power_of_2(triton.cdiv(meta.max_context_len, MAX_SPLITS)))
     num_splits = max(1, triton.cdiv(meta.max_context_len, partition))
     block_n = min(block_n or key_tile(head_dim, q.dtype, BLOCK_N), partition)
     if num_splits == 1:   # the output itself; lse unused

@@ -86,16 +86,18 @@ def test_window_and_softcap_match_reference(window, softcap):
     assert_close(got, want, torch.float32)
 
 
-@pytest.mark.parametrize("window,softcap", [(None, None), (70, None), (None, 2.0)])
-def test_split_k_decode_matches_reference(window, softcap):
+@pytest.mark.parametrize("window,softcap,bound", [(None, None, 512), (70, None, 512), (None, 2.0, 512),
+                                                  (None, None, 100_000)])
+def test_split_k_decode_matches_reference(window, softcap, bound):
     """Contexts over several 64-token splits, merged by the reduce kernel; with a window the first splits
-    are empty. max_context_len as a CUDA graph sets it (max_model_len, above every context) changes nothing."""
+    are empty. max_context_len as a CUDA graph sets it (max_model_len, above every context) changes nothing;
+    a bound of 100k tokens widens the splits (MAX_SPLITS) instead of launching ~1500 of them."""
     rows = [(300, 1), (4, 1), (150, 1), (64, 1)]
     q, k, v, k_cache, v_cache, meta = make_batch(rows, 8, 2, 64, torch.float16, num_blocks=48)
     tk.store_kv(k, v, k_cache, v_cache, meta.slot_mapping)
     want = reference.paged_attention(q, k_cache, v_cache, meta, 0.125, window=window, softcap=softcap)
     out = torch.empty_like(q)
-    meta.max_context_len = 512
+    meta.max_context_len = bound
     decode_attention(q, k_cache, v_cache, meta, 0.125, out, window, softcap, partition=64)
     assert_close(out, want, torch.float16)
 
