@@ -24,8 +24,8 @@ from server.engine.models.gguf_loader import build_gguf_model, config_from_metad
 from server.engine.models.llama import GemmaRMSNorm, is_supported, layer_windows
 from server.engine.models.weights import build_model
 from tests.engine.test_gguf_models import make_folder
-from tests.engine.test_models import (PROMPT, hf_logits, mixed_batch_logits, new_caches, run_chunk,
-                                      scattered_table)
+from tests.engine.test_models import (PROMPT, assert_greedy_matches, hf_logits, mixed_batch_logits, new_caches,
+                                      run_chunk, scattered_table)
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, rms_norm_eps=1e-6, initializer_range=0.1, sliding_window=4, max_position_embeddings=64,
@@ -118,14 +118,7 @@ def test_batched_with_other_sequences_matches_transformers(case):
 
 def test_greedy_decode_through_the_paged_cache_matches_transformers(case):
     _, hf_model, model = case
-    caches, blocks = new_caches(model, 64), scattered_table(7, 12)
-    tokens = list(PROMPT)
-    logits = run_chunk(model, caches, tokens, 0, blocks)
-    for _ in range(6):
-        tokens.append(int(logits[-1].argmax()))
-        logits = run_chunk(model, caches, tokens[-1:], len(tokens) - 1, blocks)
-    expected = hf_model.generate(torch.tensor([PROMPT]), max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert tokens == expected[0].tolist()
+    assert_greedy_matches(hf_model, model, PROMPT, 6)
 
 
 def test_soft_capping_changes_the_logits(folders):

@@ -94,6 +94,19 @@ def scattered_table(start: int, n: int = 10) -> list[int]:
     return [(start + 7 * i) % 64 for i in range(n)]   # scattered, distinct blocks of a 64-block pool
 
 
+def assert_greedy_matches(hf_model, model, prompt: list[int], new_tokens: int) -> None:
+    """Greedy decoding through the paged cache (a prefill, then one-token steps over scattered blocks) gives
+    transformers' generate tokens."""
+    caches, blocks = new_caches(model, 64), scattered_table(7, 12)
+    tokens = list(prompt)
+    logits = run_chunk(model, caches, tokens, 0, blocks)
+    for _ in range(new_tokens):
+        tokens.append(int(logits[-1].argmax()))
+        logits = run_chunk(model, caches, tokens[-1:], len(tokens) - 1, blocks)
+    expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    assert tokens == expected[0].tolist()
+
+
 def mixed_batch_logits(model, prompts: list[list[int]]):
     """One step with two decode rows (prompts[0], prompts[1], their earlier tokens already cached) and a
     prefill row (prompts[2]); the last logits of each row, (3, vocab)."""

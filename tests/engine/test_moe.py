@@ -17,8 +17,8 @@ from server.engine.models.arch import kv_layout
 from server.engine.models.llama import is_supported
 from server.engine.models.moe import SparseMoe
 from server.engine.models.weights import build_model
-from tests.engine.test_models import (PROMPT, hf_logits, mixed_batch_logits, new_caches, run_chunk,
-                                      scattered_table)
+from tests.engine.test_models import (PROMPT, assert_greedy_matches, hf_logits, mixed_batch_logits, new_caches,
+                                      run_chunk, scattered_table)
 
 BASE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.1, pad_token_id=0,
@@ -145,14 +145,7 @@ def test_a_batch_groups_tokens_by_expert(case):
 
 def test_greedy_decode_through_the_paged_cache_matches_transformers(case):
     _, hf_model, model = case
-    caches, blocks = new_caches(model, 64), scattered_table(7, 12)
-    tokens = list(PROMPT)
-    logits = run_chunk(model, caches, tokens, 0, blocks)
-    for _ in range(6):
-        tokens.append(int(logits[-1].argmax()))
-        logits = run_chunk(model, caches, tokens[-1:], len(tokens) - 1, blocks)
-    expected = hf_model.generate(torch.tensor([PROMPT]), max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert tokens == expected[0].tolist()
+    assert_greedy_matches(hf_model, model, PROMPT, 6)
 
 
 def test_only_the_chosen_experts_are_read(case):

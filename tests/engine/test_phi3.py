@@ -21,8 +21,8 @@ from server.engine.models.gguf_loader import build_gguf_model
 from server.engine.models.llama import is_supported
 from server.engine.models.weights import build_model
 from tests.engine.test_gguf_models import hf_from_stored, make_folder, write_gguf
-from tests.engine.test_models import (PROMPT, hf_logits, mixed_batch_logits, new_caches, run_chunk,
-                                      scattered_table)
+from tests.engine.test_models import (PROMPT, assert_greedy_matches, hf_logits, mixed_batch_logits, new_caches,
+                                      run_chunk, scattered_table)
 
 ORIGINAL = 16
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -119,15 +119,7 @@ def test_batched_with_other_sequences_matches_transformers(case):
 
 def test_greedy_decode_through_the_paged_cache_matches_transformers(case):
     _, hf_model, model, prompt, new_tokens, _ = case
-    caches, blocks = new_caches(model, 64), scattered_table(7, 12)
-    tokens = list(prompt)
-    logits = run_chunk(model, caches, tokens, 0, blocks)
-    for _ in range(new_tokens):
-        tokens.append(int(logits[-1].argmax()))
-        logits = run_chunk(model, caches, tokens[-1:], len(tokens) - 1, blocks)
-    expected = hf_model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False,
-                                 pad_token_id=0)[0].tolist()
-    assert tokens == expected
+    assert_greedy_matches(hf_model, model, prompt, new_tokens)
 
 
 def test_native_and_pytorch_paths_agree_on_a_windowed_model(folders):
