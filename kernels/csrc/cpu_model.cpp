@@ -36,6 +36,7 @@
 #define BERTH_AVX2 1
 #endif
 
+#include "moe.h"
 #include "quant.h"
 
 namespace {
@@ -261,7 +262,8 @@ Linear make_linear(py::tuple t) {
 struct Layer {
   at::Tensor input_norm, post_norm;   // (H,)
   at::Tensor q_norm, k_norm;          // (D,) for Qwen3, else undefined
-  Linear qkv, o, gate_up, down;
+  Linear qkv, o, gate_up, down;       // gate_up / down unset in a mixture-of-experts layer
+  std::shared_ptr<berth::MoeExperts> moe;   // the layer's experts and router (moe.h), or null
 };
 
 // out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w, rows of length n (same formula as HF LlamaRMSNorm)
@@ -446,7 +448,9 @@ class NativeModel {
       : final_norm_(final_norm), num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim),
         eps_(static_cast<float>(eps)) {
     for (auto item : layers) {
-      py::tuple t = item.cast<py::tuple>();  // (input_norm, post_norm, q_norm, k_norm, qkv, o, gate_up, down)
+      // (input_norm, post_norm, q_norm, k_norm, qkv, o, gate_up, down[, moe]); moe = (experts, router, top_k,
+      // normalize) with gate_up and down None: a softmax top-k mixture of experts (moe.h)
+      py::tuple t = item.cast<py::tuple>();
       Layer layer;
       layer.input_norm = t[0].cast<at::Tensor>();
       layer.post_norm = t[1].cast<at::Tensor>();
@@ -460,8 +464,15 @@ class NativeModel {
       }
       layer.qkv = make_linear(t[4].cast<py::tuple>());
       layer.o = make_linear(t[5].cast<py::tuple>());
-      layer.gate_up = make_linear(t[6].cast<py::tuple>());
-      layer.down = make_linear(t[7].cast<py::tuple>());
+      if (t.size() > 8 && !t[8].is_none()) {
+        py::tuple moe = t[8].cast<py::tuple>();
+        layer.moe = std::make_shared<berth::MoeExperts>(moe[0].cast<py::list>(), moe[1], moe[2].cast<int64_t>(),
+                                                        moe[3].cast<bool>());
+        TORCH_CHECK(layer.moe->router.defined(), "a native MoE layer needs its router");
+      } else {
+        layer.gate_up = make_linear(t[6].cast<py::tuple>());
+        layer.down = make_linear(t[7].cast<py::tuple>());
+      }
       layers_.push_back(std::move(layer));
     }
     TORCH_CHECK(final_norm_.scalar_type() == at::kFloat && final_norm_.is_contiguous(), "norm weights must be contiguous fp32");
@@ -470,6 +481,7 @@ class NativeModel {
     team_ = !layers_.empty();
     for (const Layer& L : layers_) {
       for (const Linear* lin : {&L.qkv, &L.o, &L.gate_up, &L.down}) {
+        if (L.moe && (lin == &L.gate_up || lin == &L.down)) continue;   // experts: native by construction
         // q8 only without padding rows: the team writes straight into rows of width N
         const bool native = lin->native_q4() || (lin->native_q8() && lin->native_rows() == lin->group);
         team_ = team_ && native && (lin == &L.qkv || !lin->bias.defined());
@@ -575,6 +587,11 @@ class NativeModel {
       residual.add_(o);
       norm_rows(L.post_norm, res_p, nrm_p);
 
+      if (L.moe) {   // experts: one parallel loop per phase (moe.h)
+        berth::MoeStep step(*L.moe, tokens);
+        residual.add_(berth::moe_parallel(step, normed, true));
+        continue;
+      }
       at::Tensor gu = L.gate_up(normed, quantized_max_rows_).contiguous();  // (T, 2I)
       const int64_t inter = gu.size(1) / 2;
       at::Tensor act = at::empty({tokens, inter}, x.options());
@@ -602,7 +619,8 @@ class NativeModel {
                           const std::vector<std::pair<at::Tensor, at::Tensor>>& caches) const {
     const int64_t T = x.size(0), H = x.size(1);
     const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, W = (Hq + 2 * Hkv) * D;
-    const int64_t inter = layers_[0].gate_up.native_rows() / 2;
+    int64_t inter = 0;   // the dense layers' MLP width (mixture-of-experts layers keep their own buffers)
+    for (const Layer& L : layers_) if (!L.moe) inter = std::max(inter, L.gate_up.native_rows() / 2);
     const int64_t max_k = std::max({H, Hq * D, inter});
     const float scale = 1.f / std::sqrt(static_cast<float>(D));
     at::Tensor residual = x.clone(), out = at::empty_like(x);
@@ -614,6 +632,7 @@ class NativeModel {
     std::atomic<int> team_size{0};
     SpinBarrier* barrier = nullptr;
     std::unique_ptr<SpinBarrier> barrier_holder;
+    std::unique_ptr<berth::MoeStep> moe_step;   // the current MoE layer's work, shared by the team
 #pragma omp parallel num_threads(nth)
     {
 #pragma omp single
@@ -675,6 +694,30 @@ class NativeModel {
         barrier->wait();
         add_norm_quantize(L.post_norm, true);
         barrier->wait();
+        if (L.moe) {   // route, group (thread 0), gather, gate|up, activate, down, combine: moe.h's phases
+          if (tid == 0) moe_step = std::make_unique<berth::MoeStep>(*L.moe, T);
+          barrier->wait();
+          berth::MoeStep& step = *moe_step;
+          step.route(normed.data(), r0, r1);
+          barrier->wait();
+          if (tid == 0) step.group();
+          barrier->wait();
+          int64_t c0, c1, b0, b1;
+          std::tie(c0, c1) = share(step.num_chosen(), tid, n);
+          step.gather(normed.data(), c0, c1);
+          barrier->wait();
+          std::tie(b0, b1) = share(step.gate_up_blocks(), tid, n);
+          step.gate_up(b0, b1);
+          barrier->wait();
+          step.activate(c0, c1);
+          barrier->wait();
+          std::tie(b0, b1) = share(step.down_blocks(), tid, n);
+          step.down(b0, b1);
+          barrier->wait();
+          step.combine(y.data(), r0, r1);
+          barrier->wait();
+          continue;
+        }
         product(L.gate_up, H, gu.data());
         barrier->wait();
         for (int64_t t = r0; t < r1; ++t) {

@@ -1,43 +1,31 @@
-// One mixture-of-experts feed-forward on the native int4 / int8 kernels, one call per layer
-// (server/engine/models/moe.py SparseMoe.routed is the Python path and the oracle).
+// Mixture-of-experts feed-forward on the native int4 / int8 kernels (moe.h: the phases; server/engine/models/moe.py
+// SparseMoe.routed_torch is the Python path and the oracle).
 //
 // Why: the Python loop issues ~10 ATen ops and two kernel calls per chosen expert; a decode step of a
 // 128-expert model (8 per token) chooses ~50 experts per layer at 8 streams, and the glue then costs more
 // than reading the experts' weights. Here the (token, slot) pairs are grouped by expert, each chosen expert's
-// rows are gathered and rounded to int8 once, and every chosen expert's gate|up blocks run in one parallel
-// loop (likewise the down blocks), so a layer costs two parallel regions whatever the number of experts.
-//
-// Weights: per expert gate_up (gate rows then up rows: 2 x I outputs) and down (H outputs), each either
-// q4_linear's layout (packed, scale_min) or q8_linear's (qweight, scales), as kernels/quant.h describes.
-#include <torch/extension.h>
+// rows are gathered and rounded to int8 once, and every chosen expert's gate|up blocks run in one loop over
+// their concatenated weight blocks (likewise the down blocks). NativeMoe runs the phases as parallel loops
+// (one call per layer); the native model step runs them inside its OpenMP team (cpu_model.cpp).
+#include "moe.h"
+
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
-#include <cstdint>
-#include <vector>
+#include <numeric>
 
-#include "quant.h"
+namespace berth {
 
-namespace {
-
-struct Product {           // one weight in a native layout
-  bool q4 = true;          // int4 (a = packed, b = scale_min) or int8 (a = qweight, b = scales)
-  at::Tensor a, b;
-  int64_t n = 0;           // real output rows (int8 pads to a multiple of 8)
-
-  int64_t blocks() const { return a.size(0); }
-  int64_t k() const { return a.size(1) * berth::kGroup; }
-  void run(const berth::QuantizedRows& qx, int64_t rows, float* y, int64_t begin, int64_t end) const {
-    const int64_t ld = blocks() * berth::kBlockRows;
-    if (q4) {
-      berth::kernels().q4_blocks(a.data_ptr<uint8_t>(), b.data_ptr<at::Half>(), qx, k(), rows, y, ld, begin, end);
-    } else {
-      berth::kernels().q8_blocks(a.data_ptr<int8_t>(), b.data_ptr<at::Half>(), qx, k(), rows, y, ld, begin, end);
-    }
+void Product::run(const QuantizedRows& qx, int64_t rows, float* y, int64_t begin, int64_t end) const {
+  if (q4) {
+    kernels().q4_blocks(a.data_ptr<uint8_t>(), b.data_ptr<at::Half>(), qx, k(), rows, y, width(), begin, end);
+  } else {
+    kernels().q8_blocks(a.data_ptr<int8_t>(), b.data_ptr<at::Half>(), qx, k(), rows, y, width(), begin, end);
   }
-};
+}
 
-Product make_product(py::tuple t) {   // (is_q4, a, b, n)
+Product make_product(pybind11::tuple t) {
   Product p;
   p.q4 = t[0].cast<bool>();
   p.a = t[1].cast<at::Tensor>();
@@ -45,138 +33,210 @@ Product make_product(py::tuple t) {   // (is_q4, a, b, n)
   p.n = t[3].cast<int64_t>();
   TORCH_CHECK(p.a.is_contiguous() && p.b.is_contiguous() && p.a.dim() == 4 &&
               p.a.scalar_type() == (p.q4 ? at::kByte : at::kChar) && p.b.scalar_type() == at::kHalf,
-              "NativeMoe: a weight is not in a native layout");
+              "MoE: an expert weight is not in a native layout");
   return p;
 }
 
-inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+MoeExperts::MoeExperts(pybind11::list experts, pybind11::object router_obj, int64_t k, bool norm)
+    : top_k(k), normalize(norm) {
+  for (auto item : experts) {
+    pybind11::tuple pair = item.cast<pybind11::tuple>();
+    gate_up.push_back(make_product(pair[0].cast<pybind11::tuple>()));
+    down.push_back(make_product(pair[1].cast<pybind11::tuple>()));
+  }
+  TORCH_CHECK(!gate_up.empty(), "MoE: no experts");
+  hidden = gate_up[0].k();
+  inter = gate_up[0].n / 2;
+  for (size_t e = 0; e < gate_up.size(); ++e) {
+    TORCH_CHECK(gate_up[e].k() == hidden && gate_up[e].n == 2 * inter && down[e].k() == inter &&
+                down[e].n == hidden, "MoE: experts of different shapes");
+  }
+  if (!router_obj.is_none()) {
+    router = router_obj.cast<at::Tensor>();
+    TORCH_CHECK(router.scalar_type() == at::kFloat && router.is_contiguous() && router.dim() == 2 &&
+                router.size(0) == num_experts() && router.size(1) == hidden, "MoE: router must be (E, hidden) fp32");
+  }
+  TORCH_CHECK(top_k > 0 && top_k <= num_experts(), "MoE: top_k out of range");
+}
 
-class NativeMoe {
- public:
-  // experts: [(gate_up product, down product)] with the same shapes for every expert
-  explicit NativeMoe(py::list experts) {
-    for (auto item : experts) {
-      py::tuple pair = item.cast<py::tuple>();
-      gate_up_.push_back(make_product(pair[0].cast<py::tuple>()));
-      down_.push_back(make_product(pair[1].cast<py::tuple>()));
+MoeStep::MoeStep(const MoeExperts& m, int64_t tokens)
+    : m_(m), tokens_(tokens), ids_(tokens * m.top_k), weights_(tokens * m.top_k), slots_(tokens) {}
+
+// softmax over the experts, the top k (ties: the lower id first), renormalised when asked, as
+// transformers' Mixtral / Qwen-MoE routers compute them
+void MoeStep::route(const float* x, int64_t r0, int64_t r1) {
+  const int64_t E = m_.num_experts(), H = m_.hidden, k = m_.top_k;
+  const float* w = m_.router.data_ptr<float>();
+  std::vector<float> p(E);
+  std::vector<int64_t> order(E);
+  for (int64_t t = r0; t < r1; ++t) {
+    const float* row = x + t * H;
+    float mx = -INFINITY;
+    for (int64_t e = 0; e < E; ++e) {
+      float s = 0.f;
+      const float* we = w + e * H;
+      for (int64_t i = 0; i < H; ++i) s += row[i] * we[i];
+      p[e] = s;
+      mx = std::max(mx, s);
     }
-    TORCH_CHECK(!gate_up_.empty(), "NativeMoe: no experts");
-    hidden_ = gate_up_[0].k();
-    inter_ = gate_up_[0].n / 2;
-    for (size_t e = 0; e < gate_up_.size(); ++e) {
-      TORCH_CHECK(gate_up_[e].k() == hidden_ && gate_up_[e].n == 2 * inter_ && down_[e].k() == inter_ &&
-                  down_[e].n == hidden_, "NativeMoe: experts of different shapes");
+    float sum = 0.f;
+    for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(p[e] - mx));
+    for (int64_t e = 0; e < E; ++e) p[e] /= sum;
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+    float kept = 0.f;
+    for (int64_t s = 0; s < k; ++s) kept += p[order[s]];
+    for (int64_t s = 0; s < k; ++s) {
+      ids_[t * k + s] = order[s];
+      weights_[t * k + s] = m_.normalize ? p[order[s]] / kept : p[order[s]];
     }
   }
+}
 
-  // x (T, H) fp32, ids (T, k) int64, weights (T, k) fp32 -> (T, H): sum over each token's slots of
-  // weight * down(silu(gate(x)) * up(x))
+void MoeStep::set_routes(const int64_t* ids, const float* weights) {
+  std::copy(ids, ids + ids_.size(), ids_.begin());
+  std::copy(weights, weights + weights_.size(), weights_.begin());
+}
+
+void MoeStep::group() {
+  const int64_t E = m_.num_experts(), k = m_.top_k;
+  std::vector<int64_t> index(E, -1);
+  std::vector<int64_t> count(E, 0);
+  for (int64_t i = 0; i < tokens_ * k; ++i) {
+    TORCH_CHECK(ids_[i] >= 0 && ids_[i] < E, "MoE: expert id out of range");
+    ++count[ids_[i]];
+  }
+  chosen_.clear();
+  for (int64_t e = 0; e < E; ++e) {
+    if (count[e]) {
+      index[e] = static_cast<int64_t>(chosen_.size());
+      chosen_.push_back(e);
+    }
+  }
+  const int64_t m = num_chosen();
+  rows_.assign(m, {});
+  row_weights_.assign(m, {});
+  for (int64_t t = 0; t < tokens_; ++t) {
+    slots_[t].clear();
+    for (int64_t s = 0; s < k; ++s) {
+      const int64_t c = index[ids_[t * k + s]];
+      slots_[t].emplace_back(c, static_cast<int64_t>(rows_[c].size()));
+      rows_[c].push_back(t);
+      row_weights_[c].push_back(weights_[t * k + s]);
+    }
+    std::sort(slots_[t].begin(), slots_[t].end());   // experts in id order, as the Python path adds them
+  }
+  gu_first_.assign(m + 1, 0);
+  dn_first_.assign(m + 1, 0);
+  gu_.assign(m, {});
+  dn_.assign(m, {});
+  for (int64_t c = 0; c < m; ++c) {
+    const int64_t e = chosen_[c], rows = static_cast<int64_t>(rows_[c].size());
+    gu_first_[c + 1] = gu_first_[c] + m_.gate_up[e].blocks();
+    dn_first_[c + 1] = dn_first_[c] + m_.down[e].blocks();
+    gu_[c].resize(rows * m_.gate_up[e].width());
+    dn_[c].resize(rows * m_.down[e].width());
+  }
+  qx_.assign(m, {});
+  qh_.assign(m, {});
+}
+
+void MoeStep::gather(const float* x, int64_t c0, int64_t c1) {
+  const int64_t H = m_.hidden;
+  std::vector<float> rows;
+  for (int64_t c = c0; c < c1; ++c) {
+    rows.resize(rows_[c].size() * H);
+    for (size_t r = 0; r < rows_[c].size(); ++r) {
+      std::copy(x + rows_[c][r] * H, x + (rows_[c][r] + 1) * H, rows.begin() + r * H);
+    }
+    qx_[c] = quantize_rows(rows.data(), rows_[c].size(), H);
+  }
+}
+
+void MoeStep::blocks(const std::vector<Product>& products, const std::vector<int64_t>& first,
+                     const std::vector<QuantizedRows>& q, std::vector<std::vector<float>>& y, int64_t b0, int64_t b1) {
+  int64_t c = std::upper_bound(first.begin(), first.end(), b0) - first.begin() - 1;
+  for (int64_t b = b0; b < b1;) {
+    while (b >= first[c + 1]) ++c;
+    const int64_t stop = std::min(b1, first[c + 1]);
+    products[chosen_[c]].run(q[c], rows_[c].size(), y[c].data(), b - first[c], stop - first[c]);
+    b = stop;
+  }
+}
+
+void MoeStep::gate_up(int64_t b0, int64_t b1) { blocks(m_.gate_up, gu_first_, qx_, gu_, b0, b1); }
+void MoeStep::down(int64_t b0, int64_t b1) { blocks(m_.down, dn_first_, qh_, dn_, b0, b1); }
+
+void MoeStep::activate(int64_t c0, int64_t c1) {
+  const int64_t I = m_.inter;
+  std::vector<float> h;
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t rows = rows_[c].size(), ld = m_.gate_up[chosen_[c]].width();
+    h.resize(rows * I);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* g = gu_[c].data() + r * ld;
+      for (int64_t i = 0; i < I; ++i) h[r * I + i] = g[i] / (1.f + std::exp(-g[i])) * g[I + i];
+    }
+    qh_[c] = quantize_rows(h.data(), rows, I);
+  }
+}
+
+void MoeStep::combine(float* y, int64_t r0, int64_t r1) const {
+  const int64_t H = m_.hidden;
+  for (int64_t t = r0; t < r1; ++t) {
+    float* out = y + t * H;
+    std::fill(out, out + H, 0.f);
+    for (const auto& [c, r] : slots_[t]) {
+      const float w = row_weights_[c][r];
+      const float* d = dn_[c].data() + r * m_.down[chosen_[c]].width();
+      for (int64_t i = 0; i < H; ++i) out[i] += w * d[i];
+    }
+  }
+}
+
+at::Tensor moe_parallel(MoeStep& s, const at::Tensor& x, bool route) {
+  const int64_t T = x.size(0);
+  const float* xp = x.data_ptr<float>();
+  if (route) at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) { s.route(xp, b, e); });
+  s.group();
+  at::parallel_for(0, s.num_chosen(), 1, [&](int64_t b, int64_t e) { s.gather(xp, b, e); });
+  at::parallel_for(0, s.gate_up_blocks(), 1, [&](int64_t b, int64_t e) { s.gate_up(b, e); });
+  at::parallel_for(0, s.num_chosen(), 1, [&](int64_t b, int64_t e) { s.activate(b, e); });
+  at::parallel_for(0, s.down_blocks(), 1, [&](int64_t b, int64_t e) { s.down(b, e); });
+  at::Tensor out = at::empty({T, x.size(1)}, x.options());
+  at::parallel_for(0, T, 1, [&](int64_t b, int64_t e) { s.combine(out.data_ptr<float>(), b, e); });
+  return out;
+}
+
+}  // namespace berth
+
+namespace {
+
+// the phases as parallel loops: one call per layer from Python (SparseMoe.routed)
+class NativeMoe {
+ public:
+  explicit NativeMoe(pybind11::list experts) : m_(experts, pybind11::none(), 1, false) {}
+
+  // x (T, H) fp32, ids (T, k) int64, weights (T, k) fp32 -> (T, H)
   at::Tensor forward(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in) const {
-    TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.size(1) == hidden_,
+    TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.size(1) == m_.hidden,
                 "NativeMoe: x must be (T, hidden) fp32");
     const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous(), weights = weights_in.to(at::kFloat).contiguous();
     TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(0) == x.size(0) &&
                 weights.sizes() == ids.sizes(), "NativeMoe: ids / weights must be (T, k)");
-    const int64_t tokens = x.size(0), top_k = ids.size(1), num_experts = gate_up_.size();
-    const int64_t* idp = ids.data_ptr<int64_t>();
-    const float* wp = weights.data_ptr<float>();
-    // (token, weight) lists per chosen expert, in token order
-    std::vector<std::vector<int64_t>> rows_of(num_experts);
-    std::vector<std::vector<float>> weight_of(num_experts);
-    for (int64_t t = 0; t < tokens; ++t) {
-      for (int64_t s = 0; s < top_k; ++s) {
-        const int64_t e = idp[t * top_k + s];
-        TORCH_CHECK(e >= 0 && e < num_experts, "NativeMoe: expert id out of range");
-        rows_of[e].push_back(t);
-        weight_of[e].push_back(wp[t * top_k + s]);
-      }
-    }
-    std::vector<int64_t> chosen;
-    for (int64_t e = 0; e < num_experts; ++e) if (!rows_of[e].empty()) chosen.push_back(e);
-    const int64_t m = chosen.size();
-    // each chosen expert's rows, rounded to int8 per group of 32
-    std::vector<berth::QuantizedRows> qx(m);
-    const float* xp = x.data_ptr<float>();
-    at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> gathered;
-      for (int64_t c = begin; c < end; ++c) {
-        const auto& rows = rows_of[chosen[c]];
-        gathered.resize(rows.size() * hidden_);
-        for (size_t r = 0; r < rows.size(); ++r) {
-          std::copy(xp + rows[r] * hidden_, xp + (rows[r] + 1) * hidden_, gathered.begin() + r * hidden_);
-        }
-        qx[c] = berth::quantize_rows(gathered.data(), rows.size(), hidden_);
-      }
-    });
-    // gate|up of every chosen expert: one loop over all their weight blocks
-    std::vector<std::vector<float>> gu(m);
-    std::vector<int64_t> first(m + 1, 0);
-    for (int64_t c = 0; c < m; ++c) {
-      const Product& p = gate_up_[chosen[c]];
-      gu[c].resize(rows_of[chosen[c]].size() * p.blocks() * berth::kBlockRows);
-      first[c + 1] = first[c] + p.blocks();
-    }
-    run_all(gate_up_, chosen, first, qx, rows_of, gu);
-    // silu(gate) * up, rounded to int8 for the down products
-    std::vector<berth::QuantizedRows> qh(m);
-    at::parallel_for(0, m, 1, [&](int64_t begin, int64_t end) {
-      std::vector<float> h;
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t rows = rows_of[chosen[c]].size(), ld = gate_up_[chosen[c]].blocks() * berth::kBlockRows;
-        h.resize(rows * inter_);
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* g = gu[c].data() + r * ld;
-          for (int64_t i = 0; i < inter_; ++i) h[r * inter_ + i] = silu(g[i]) * g[inter_ + i];
-        }
-        qh[c] = berth::quantize_rows(h.data(), rows, inter_);
-      }
-    });
-    std::vector<std::vector<float>> dn(m);
-    for (int64_t c = 0; c < m; ++c) {
-      const Product& p = down_[chosen[c]];
-      dn[c].resize(rows_of[chosen[c]].size() * p.blocks() * berth::kBlockRows);
-      first[c + 1] = first[c] + p.blocks();
-    }
-    run_all(down_, chosen, first, qh, rows_of, dn);
-    // out[token] += weight * down row, experts in id order (as the Python path adds them)
-    at::Tensor out = at::zeros({tokens, hidden_}, x.options());
-    float* op = out.data_ptr<float>();
-    at::parallel_for(0, hidden_, 256, [&](int64_t begin, int64_t end) {
-      for (int64_t c = 0; c < m; ++c) {
-        const int64_t e = chosen[c], ld = down_[e].blocks() * berth::kBlockRows;
-        for (size_t r = 0; r < rows_of[e].size(); ++r) {
-          const float w = weight_of[e][r];
-          const float* d = dn[c].data() + r * ld;
-          float* o = op + rows_of[e][r] * hidden_;
-          for (int64_t j = begin; j < end; ++j) o[j] += w * d[j];
-        }
-      }
-    });
-    return out;
+    berth::MoeExperts m = m_;
+    m.top_k = ids.size(1);
+    const int64_t T = x.size(0);
+    berth::MoeStep s(m, T);
+    s.set_routes(ids.data_ptr<int64_t>(), weights.data_ptr<float>());
+    return berth::moe_parallel(s, x, false);
   }
 
-  int64_t num_experts() const { return gate_up_.size(); }
+  int64_t num_experts() const { return m_.num_experts(); }
 
  private:
-  // products[chosen[c]] for every c, over the concatenated range of their weight blocks
-  static void run_all(const std::vector<Product>& products, const std::vector<int64_t>& chosen,
-                      const std::vector<int64_t>& first, const std::vector<berth::QuantizedRows>& q,
-                      const std::vector<std::vector<int64_t>>& rows_of, std::vector<std::vector<float>>& y) {
-    const int64_t m = chosen.size();
-    at::parallel_for(0, first[m], 1, [&](int64_t begin, int64_t end) {
-      int64_t c = std::upper_bound(first.begin(), first.end(), begin) - first.begin() - 1;
-      for (int64_t b = begin; b < end;) {
-        while (b >= first[c + 1]) ++c;
-        const int64_t stop = std::min(end, first[c + 1]);
-        const int64_t e = chosen[c];
-        products[e].run(q[c], rows_of[e].size(), y[c].data(), b - first[c], stop - first[c]);
-        b = stop;
-      }
-    });
-  }
-
-  std::vector<Product> gate_up_, down_;
-  int64_t hidden_ = 0, inter_ = 0;
+  berth::MoeExperts m_;
 };
 
 }  // namespace

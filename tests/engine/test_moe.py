@@ -81,7 +81,9 @@ def case(request, tmp_path_factory):
 
 def test_supported_and_laid_out_as_the_family(case):
     name, hf_model, model = case
-    assert is_supported(hf_model.config) and not model.native_capable
+    assert is_supported(hf_model.config)
+    # the C++ step runs softmax top-k experts without shared experts (when the experts are native weights)
+    assert model.native_capable == (name in ("mixtral", "qwen3_moe"))
     moe_layers = [i for i, layer in enumerate(model.model.layers) if isinstance(layer.mlp, SparseMoe)]
     expected = {"mixtral": [0, 1, 2], "qwen2_moe": [0, 2], "qwen3_moe": [0, 1, 2]}.get(name, [1, 2])
     assert moe_layers == expected
@@ -473,3 +475,28 @@ def test_native_moe_call_equals_the_pytorch_loop(tmp_path, qtype):
         got = moe.routed(x, weights, ids)
         assert moe._native is not None
         torch.testing.assert_close(got, moe.routed_torch(x, weights, ids), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
+def test_native_step_runs_moe_layers_as_the_pytorch_path_does(name, qtype, tmp_path):
+    """GGUF experts: the whole step in C++ (one OpenMP team: routing, grouping by expert, the expert products)
+    against the PyTorch path on the same weights, for a prefill, a chunk over the cached prefix and decode steps."""
+    from kernels import native
+    from server.engine.models.gguf_loader import build_gguf_model
+    from tests.engine.test_gguf_models import make_folder
+
+    if native.load() is None:
+        pytest.skip("the native extension is not built here")
+    write_moe_gguf(tmp_path / "m.gguf", tiny(name), name, qtype)
+    model, _ = build_gguf_model(make_folder(tmp_path, tmp_path / "m.gguf"), torch.device("cpu"))
+    results = []
+    for use_native in (True, False):
+        model.native_step = use_native
+        caches, blocks = new_caches(model, 64), scattered_table(5)
+        got = [run_chunk(model, caches, PROMPT[:6], 0, blocks), run_chunk(model, caches, PROMPT[6:10], 6, blocks)]
+        got += [run_chunk(model, caches, [t], p, blocks) for p, t in enumerate(PROMPT) if p >= 10]
+        results.append(torch.cat(got))
+        if use_native:
+            assert model._native is not None and model._native.team
+    assert_close_but_routing(results[0], results[1], min_cosine=0.9999)

@@ -400,8 +400,11 @@ class LlamaForCausalLM(nn.Module):
         # the whole context (a sliding window only matters once a context outgrows it: see _native_model);
         # none of Gemma's differences (module docstring)
         gemma = is_gemma(config)
-        moe, mla = moe_settings(config) is not None, is_mla(config)
-        self.native_capable = rotary_dim_of(config) == head_dim_of(config) and not (gemma or moe or mla)
+        moe, mla = moe_settings(config), is_mla(config)
+        # the C++ step runs softmax top-k experts without shared experts (Mixtral, Qwen3-MoE) when every expert is
+        # in a native kernel's layout (checked when the step is built: _native_model)
+        native_moe = moe is None or (moe["scoring"] == "softmax" and not moe["shared_intermediate_size"])
+        self.native_capable = rotary_dim_of(config) == head_dim_of(config) and not (gemma or mla) and native_moe
         self.native_reason = ("Gemma layers (soft-capping, four norms per layer, GELU, per-layer windows)" if gemma
                               else "latent attention (MLA)" if mla else "mixture-of-experts layers" if moe
                               else "partial rotary embeddings")
@@ -473,7 +476,12 @@ class LlamaForCausalLM(nn.Module):
                 self.native_step = False
                 return None
             attn = self.model.layers[0].self_attn
-            self._native = ext.NativeModel([_native_layer(layer) for layer in self.model.layers],
+            layers = [_native_layer(layer) for layer in self.model.layers]
+            if any(layer is None for layer in layers):   # experts not in a native layout (e.g. fp32 weights)
+                self.native_capable = False
+                self.native_reason = "mixture-of-experts layers whose experts are not GGUF / int4 weights"
+                return None
+            self._native = ext.NativeModel(layers,
                                            self.model.norm.weight, attn.num_heads, attn.num_kv_heads, attn.head_dim,
                                            float(self.config.rms_norm_eps))
         return self._native
@@ -529,9 +537,16 @@ def _native_linear(linear: Linear) -> tuple:
     return linear.weight, 0, None, None, 0, linear.bias, None, None
 
 
-def _native_layer(layer: DecoderLayer) -> tuple:
+def _native_layer(layer: DecoderLayer) -> tuple | None:
+    """The layer as kernels/csrc/cpu_model.cpp's NativeModel reads it; None for experts it cannot run."""
     attn = layer.self_attn
     q_norm, k_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.has_qk_norm else (None, None)
-    return (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, q_norm, k_norm,
-            _native_linear(attn.qkv_proj), _native_linear(attn.o_proj),
-            _native_linear(layer.mlp.gate_up_proj), _native_linear(layer.mlp.down_proj))
+    head = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, q_norm, k_norm,
+            _native_linear(attn.qkv_proj), _native_linear(attn.o_proj))
+    if not isinstance(layer.mlp, SparseMoe):
+        return head + (_native_linear(layer.mlp.gate_up_proj), _native_linear(layer.mlp.down_proj))
+    experts = layer.mlp.native_experts()
+    if experts is None:
+        return None
+    s = layer.mlp.settings
+    return head + (None, None, (experts, layer.mlp.gate.weight.float().contiguous(), s["top_k"], s["normalize"]))

@@ -156,8 +156,16 @@ class SparseMoe(nn.Module):
             return None
         cached = getattr(self, "_native", False)
         if cached is False:
-            cached = self._native = _build_native(self.experts)
+            cached = self._native = _build_native(self)
         return cached
+
+    def native_experts(self) -> list | None:
+        """[(gate_up, down)] of every expert in a native kernel's layout (_native_product), or None."""
+        pairs = [(_native_product(e.gate_up_proj), _native_product(e.down_proj)) for e in self.experts]
+        if any(a is None or b is None for a, b in pairs) or any(getattr(e, "gelu", None) is not None
+                                                                for e in self.experts):
+            return None
+        return pairs
 
     def routed_torch(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         k = ids.shape[1]
@@ -195,13 +203,9 @@ def _native_product(linear) -> tuple | None:
     return None
 
 
-def _build_native(experts):
+def _build_native(moe: SparseMoe):
     from kernels import native
 
     ext = native.load()
-    if ext is None or any(getattr(e, "gelu", None) is not None for e in experts):
-        return None
-    pairs = [(_native_product(e.gate_up_proj), _native_product(e.down_proj)) for e in experts]
-    if any(a is None or b is None for a, b in pairs):
-        return None
-    return ext.NativeMoe(pairs)
+    pairs = moe.native_experts() if ext is not None else None
+    return None if pairs is None else ext.NativeMoe(pairs)
