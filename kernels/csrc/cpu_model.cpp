@@ -443,10 +443,14 @@ inline std::pair<int64_t, int64_t> share(int64_t n, int tid, int nth) {
 
 class NativeModel {
  public:
+  // rotary_dim: the leading dimensions of each head that RoPE rotates (the cos|sin rows' width; Phi-3's partial
+  // rotary); window: keys p - window + 1 .. p for the query at p (Phi-3's sliding window), 0: the whole context
   NativeModel(py::list layers, at::Tensor final_norm, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-              double eps)
+              double eps, int64_t rotary_dim, int64_t window)
       : final_norm_(final_norm), num_heads_(num_heads), num_kv_heads_(num_kv_heads), head_dim_(head_dim),
-        eps_(static_cast<float>(eps)) {
+        eps_(static_cast<float>(eps)), rotary_dim_(rotary_dim), window_(window) {
+    TORCH_CHECK(rotary_dim > 0 && rotary_dim <= head_dim && rotary_dim % 2 == 0 && window >= 0,
+                "rotary_dim must be even and at most head_dim; window >= 0");
     for (auto item : layers) {
       // (input_norm, post_norm, q_norm, k_norm, qkv, o, gate_up, down[, moe]); moe = (experts, router, top_k,
       // normalize) with gate_up and down None: a softmax top-k mixture of experts (moe.h)
@@ -530,6 +534,7 @@ class NativeModel {
     std::vector<int64_t> row_end(bt.size(0), 0);  // every index used below is in range
     for (int64_t t = 0; t < tokens; ++t) {
       TORCH_CHECK(row_p[t] >= 0 && row_p[t] < bt.size(0), "token_rows out of range");
+      TORCH_CHECK(cos_sin.size(1) == rotary_dim_, "cos_sin rows must be rotary_dim wide");
       TORCH_CHECK(pos_p[t] >= 0 && pos_p[t] < cos_sin.size(0) && pos_p[t] < max_blocks * block_size,
                   "position ", pos_p[t], " outside the block table or the RoPE cache");
       row_end[row_p[t]] = std::max(row_end[row_p[t]], pos_p[t] + 1);
@@ -575,7 +580,7 @@ class NativeModel {
       for_rows(tokens, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
           const int64_t p = pos_p[t];
-          rope_and_store(L, qkv_p + t * qkv_width, cs_p + p * D, bt_p[row_p[t] * max_blocks + p / block_size],
+          rope_and_store(L, qkv_p + t * qkv_width, cs_p + p * rotary_dim_, bt_p[row_p[t] * max_blocks + p / block_size],
                          p % block_size, block_size, kc, vc);
         }
       });
@@ -679,7 +684,7 @@ class NativeModel {
             for (int64_t i = 0; i < W; ++i) row[i] += bias[i];
           }
           const int64_t p = pos_p[t];
-          rope_and_store(L, row, cs_p + p * D, bt_p[row_p[t] * max_blocks + p / block_size], p % block_size,
+          rope_and_store(L, row, cs_p + p * rotary_dim_, bt_p[row_p[t] * max_blocks + p / block_size], p % block_size,
                          block_size, kc, vc);
         }
         barrier->wait();
@@ -743,7 +748,7 @@ class NativeModel {
   // attends).
   void rope_and_store(const Layer& L, float* row, const float* cos_sin, int64_t block, int64_t offset,
                       int64_t block_size, float* kc, float* vc) const {
-    const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, half = D / 2;
+    const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, half = rotary_dim_ / 2;
     if (L.q_norm.defined()) {
       const float* qn = L.q_norm.data_ptr<float>();
       const float* kn = L.k_norm.data_ptr<float>();
@@ -794,10 +799,11 @@ class NativeModel {
         const int64_t slot = static_cast<int64_t>(bt[row * max_blocks + j / block_size]) * block_size + j % block_size;
         off.push_back((slot * Hkv + h) * D);
       }
-      scores.resize(len);
-      attention_scores(qkv + t * qkv_width + head * D, kc, off.data(), len, D, scale, scores.data());
-      softmax(scores.data(), len);
-      weighted_values(scores.data(), vc, off.data(), len, D, out + (t * Hq + head) * D);
+      const int64_t first = window_ > 0 ? std::max<int64_t>(0, len - window_) : 0, n = len - first;
+      scores.resize(n);
+      attention_scores(qkv + t * qkv_width + head * D, kc, off.data() + first, n, D, scale, scores.data());
+      softmax(scores.data(), n);
+      weighted_values(scores.data(), vc, off.data() + first, n, D, out + (t * Hq + head) * D);
     };
     for (int64_t k = begin; k < end; ++k) {
       attend(k, 0);
@@ -809,6 +815,7 @@ class NativeModel {
   at::Tensor final_norm_;  // (H,)
   int64_t num_heads_, num_kv_heads_, head_dim_;
   float eps_;
+  int64_t rotary_dim_, window_;
   int64_t quantized_max_rows_ = 0;
   bool team_ = false;  // every product our int4 or int8 kernel (see forward_team)
 };
@@ -828,7 +835,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("isa", []() { return std::string(berth::kernels().isa); },
         "the instruction set of the quantized block kernels chosen for this CPU (cpuid; BERTH_ISA forces a lesser one)");
   py::class_<NativeModel>(m, "NativeModel")
-      .def(py::init<py::list, at::Tensor, int64_t, int64_t, int64_t, double>())
+      .def(py::init<py::list, at::Tensor, int64_t, int64_t, int64_t, double, int64_t, int64_t>())
       .def("forward", &NativeModel::forward)
       .def_property_readonly("team", &NativeModel::team, "True when a step runs as one OpenMP team (native int4/int8 products)");
   m.def("q8_linear", &q8_linear, py::call_guard<py::gil_scoped_release>(), "x (M, K) fp32 @ int8 weight ((N/8, K/32, 8, 32), (N/8, K/32, 8) fp16 scales) -> (M, N)");

@@ -8,10 +8,10 @@ step's tests reuse):
 - longrope_partial_long / longrope_full_long: max_model_len 64 > 16: long factors and the attention factor for
   every sequence; compared on sequences longer than 16 tokens, where transformers uses the long factors too.
   (Sequences of 16 tokens or fewer under such a max_model_len would get the short factors in transformers: the
-  divergence llama.py's docstring describes, shared with vLLM and llama.cpp.) The full-rotary model runs
-  the native C++ step; the partial one never does.
-- window: sliding_window 5 (transformers masks it): 13-token prompts, so attention outgrows the window; steps
-  whose contexts all fit in the window may use the native step, the others take the PyTorch path.
+  divergence llama.py's docstring describes, shared with vLLM and llama.cpp.)
+- window: sliding_window 5 (transformers masks it): 13-token prompts, so attention outgrows the window.
+Every case runs on the native C++ step (partial rotary and the window included); the PyTorch path is checked
+against it below.
 """
 import pytest
 import torch
@@ -45,8 +45,8 @@ CONFIGS = {
 LONG_PROMPT = [3, 17, 99, 42, 7, 7, 120, 1, 64, 5, 88, 23, 11, 90, 31, 76, 2, 45, 60, 12, 100, 8, 54, 33]  # 24 > 16
 # case -> (config, berth's max_positions, prompt, new tokens in the greedy test, expects the native step)
 CASES = {
-    "longrope_partial_short": ("longrope_partial", ORIGINAL, PROMPT, 3, False),
-    "longrope_partial_long": ("longrope_partial", None, LONG_PROMPT, 6, False),
+    "longrope_partial_short": ("longrope_partial", ORIGINAL, PROMPT, 3, True),
+    "longrope_partial_long": ("longrope_partial", None, LONG_PROMPT, 6, True),
     "longrope_full_long": ("longrope_full", None, LONG_PROMPT, 6, True),
     "window": ("window", None, PROMPT, 6, True),
 }
@@ -86,7 +86,7 @@ def test_configs_are_supported_with_their_regime(case):
     name, hf_model, model, _, _, _ = case
     assert is_supported(hf_model.config)
     assert model.model.rotary_emb.long_factors == name.endswith("_long")
-    assert model.native_capable == ("partial" not in name)
+    assert model.native_capable
     assert model.model.rotary_emb.cos_sin_cache.shape[1] == (12 if "partial" in name else 16)
 
 
@@ -122,20 +122,29 @@ def test_greedy_decode_through_the_paged_cache_matches_transformers(case):
     assert_greedy_matches(hf_model, model, prompt, new_tokens)
 
 
-def test_native_and_pytorch_paths_agree_on_a_windowed_model(folders):
-    """The sliding-window model: the native step for a step whose contexts fit in the window, the PyTorch
-    path (with the window mask) once one outgrows it; both paths write the same cache."""
-    hf_model, folder = folders["window"]
-    model = build_model(folder, torch.float32, "cpu")
-    caches, blocks = new_caches(model, 64), scattered_table(3)
-    run_chunk(model, caches, PROMPT[:5], 0, blocks)   # 5 tokens: within the window
-    assert model._native is not None
-    calls = []
-    real = model._native.forward
-    model._native = type("Spy", (), {"forward": lambda self, *a: calls.append(1) or real(*a)})()
-    logits = run_chunk(model, caches, PROMPT[5:6], 5, blocks)   # context 6 > 5: the PyTorch path
-    assert not calls
-    torch.testing.assert_close(logits, hf_logits(hf_model, PROMPT[:6])[-1:], atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("config_name,prompt", [("window", PROMPT), ("longrope_partial", LONG_PROMPT)])
+def test_native_and_pytorch_paths_agree(folders, config_name, prompt):
+    """The C++ step (RoPE on the rotary dimensions only; each query attending to its last sliding_window keys)
+    against the PyTorch path on the same caches' layout, for a prefill, a chunk over the cached prefix that
+    outgrows the window, and decode steps; int4 too (the team step)."""
+    hf_model, folder = folders[config_name]
+    for quantization in ("none", "int4"):
+        model = build_model(folder, torch.float32, "cpu")
+        if quantization == "int4":
+            model.quantize("int4")
+        results = []
+        for native_step in (True, False):
+            model.native_step = native_step
+            caches, blocks = new_caches(model, 64), scattered_table(3)
+            got = [run_chunk(model, caches, prompt[:4], 0, blocks), run_chunk(model, caches, prompt[4:9], 4, blocks)]
+            got += [run_chunk(model, caches, [t], p, blocks) for p, t in enumerate(prompt) if p >= 9]
+            results.append(torch.cat(got))
+        assert model._native is not None and model._native.team == (quantization == "int4")
+        if quantization == "none":
+            torch.testing.assert_close(results[0], results[1], atol=2e-5, rtol=1e-4)
+            torch.testing.assert_close(results[0], hf_logits(hf_model, prompt), atol=1e-4, rtol=1e-4)
+        else:
+            assert torch.nn.functional.cosine_similarity(results[0], results[1], dim=1).min() > 0.999
 
 
 def test_fused_checkpoint_tensors_are_checked_and_quantize_while_loading(folders, tmp_path):

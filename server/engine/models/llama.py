@@ -15,9 +15,8 @@ berth picks once per model, as vLLM and llama.cpp do: long factors when max_mode
 exceeds original_max_position_embeddings, else short. Outputs equal transformers' for every sequence when
 max_model_len <= original_max_position_embeddings, and for sequences longer than it otherwise; a shorter
 sequence under a longer max_model_len gets the long factors where transformers would use the short ones.
-The C++ step (kernels/cpu_model.cpp) rotates whole heads and attends to the whole context: a model with
-partial rotary embeddings never uses it, a model with a sliding window only for steps whose contexts
-all fit in the window (LlamaForCausalLM._native_model).
+The C++ step (kernels/cpu_model.cpp) runs Phi-3 too: RoPE on the first rotary_dim dimensions of each head and
+attention over the last sliding_window keys of each query.
 
 Gemma 2 (Gemma2ForCausalLM) and Gemma 3 text (Gemma3ForCausalLM, model_type gemma3_text): the same paged
 layer with transformers' Gemma differences: embeddings scaled by sqrt(hidden_size) (rounded to the embedding's
@@ -396,18 +395,17 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head.weight = (self.model.embed_tokens.weight if self.tie_word_embeddings else
                                nn.Parameter(torch.empty(config.vocab_size, config.hidden_size),
                                             requires_grad=False))
-        # what the C++ step computes exactly: whole-head RoPE (cos|sin rows of head_dim) and attention over
-        # the whole context (a sliding window only matters once a context outgrows it: see _native_model);
-        # none of Gemma's differences (module docstring)
+        # what the C++ step computes exactly: the Llama layer with partial rotary and one window for every layer
+        # (Phi-3), and softmax-routed experts; none of Gemma's differences nor MLA (module docstring)
         gemma = is_gemma(config)
         moe, mla = moe_settings(config), is_mla(config)
         # the C++ step runs softmax top-k experts without shared experts (Mixtral, Qwen3-MoE) when every expert is
         # in a native kernel's layout (checked when the step is built: _native_model)
         native_moe = moe is None or (moe["scoring"] == "softmax" and not moe["shared_intermediate_size"])
-        self.native_capable = rotary_dim_of(config) == head_dim_of(config) and not (gemma or mla) and native_moe
+        self.native_capable = not (gemma or mla) and native_moe
         self.native_reason = ("Gemma layers (soft-capping, four norms per layer, GELU, per-layer windows)" if gemma
-                              else "latent attention (MLA)" if mla else "mixture-of-experts layers" if moe
-                              else "partial rotary embeddings")
+                              else "latent attention (MLA)" if mla else "mixture-of-experts layers with shared "
+                              "experts or non-softmax routing")
         self.sliding_window = sliding_window_of(config)
         # Gemma: embeddings times sqrt(hidden_size); logits soft-capped (tanh(logits / cap) * cap)
         self.embed_scale = config.hidden_size ** 0.5 if gemma else None
@@ -462,13 +460,12 @@ class LlamaForCausalLM(nn.Module):
         self._lm_head_q8 = quantize_q8(self.lm_head.weight) if hidden % 32 == 0 and hidden <= NATIVE_MAX_K else None
 
     def _native_model(self, x: Tensor, kv_caches: list[tuple[Tensor, Tensor]], meta: AttentionMetadata):
-        """The C++ model when this step can use it: fp32 on the CPU, extension built, and the C++ math
-        exact for this model and step (whole-head RoPE; no context longer than a sliding window)."""
+        """The C++ model when this step can use it: fp32 on the CPU, extension built, and a model whose math the
+        C++ step computes exactly (native_capable: partial rotary and Phi-3's sliding window included)."""
         if not (self.native_step and x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[0] > 0
                 and kv_caches[0][0].dtype == torch.float32):
             return None
-        if not getattr(self, "native_capable", True) or (
-                getattr(self, "sliding_window", None) is not None and meta.max_context_len > self.sliding_window):
+        if not getattr(self, "native_capable", True):
             return None
         if getattr(self, "_native", None) is None:
             ext = native.load()
@@ -483,7 +480,8 @@ class LlamaForCausalLM(nn.Module):
                 return None
             self._native = ext.NativeModel(layers,
                                            self.model.norm.weight, attn.num_heads, attn.num_kv_heads, attn.head_dim,
-                                           float(self.config.rms_norm_eps))
+                                           float(self.config.rms_norm_eps), rotary_dim_of(self.config),
+                                           getattr(self, "sliding_window", None) or 0)
         return self._native
 
     @torch.inference_mode()
