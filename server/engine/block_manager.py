@@ -13,6 +13,13 @@ tail blocks are evicted before its shared prefix.
 Prefix caching: hash_i = sha256(hash_{i-1} || token ids of block i) over FULL blocks whose KV is
 computed; hash_to_block_id maps a hash to one block holding it (two sequences that computed the same
 block concurrently keep two blocks with the same hash; only one is in the map).
+
+Sliding windows (`window`: every layer of the model attends to the last `window` keys, Phi-3): a block none of
+whose positions any later query of its sequence can see is released after each step (release_out_of_window) and
+its table entry becomes NULL_BLOCK, block 0, reserved for this and never allocated: attention still indexes
+the whole table, but masks those positions, so what block 0 holds never matters. A released block keeps its
+hash, so other sequences can still hit it in the prefix cache; a sequence whose hash chain meets NULL_BLOCK stops
+registering new blocks (its parent hash is gone).
 """
 from __future__ import annotations
 
@@ -50,16 +57,48 @@ def _is_first(seq: Sequence) -> bool:
     return not seq.block_table and seq.num_computed_tokens == 0
 
 
+NULL_BLOCK = 0   # table entry of a block released out of a sliding window (reserved when window is set)
+
+
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
-        assert num_blocks > 0 and block_size > 0
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 window: int | None = None):
+        assert num_blocks > (1 if window else 0) and block_size > 0
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        self.window = window
         self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        first = 1 if window else 0   # block 0 is NULL_BLOCK: never allocated
+        self.free_queue: OrderedDict[int, None] = OrderedDict.fromkeys(range(first, num_blocks))
         self.hash_to_block_id: dict[bytes, int] = {}
         self.prefix_hit_stats = PrefixHitStats()
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.num_blocks - (1 if self.window else 0)
+
+    def release_out_of_window(self, seq: Sequence) -> int:
+        """Release the blocks of seq that no later query can attend to: the next query sits at position
+        num_computed_tokens and sees keys from num_computed_tokens - window + 1 on. Returns how many."""
+        if not self.window:
+            return 0
+        table, released = seq.block_table, 0
+        first_needed = max(0, seq.num_computed_tokens - self.window + 1)
+        for j in range(min(first_needed // self.block_size, len(table))):
+            if table[j] != NULL_BLOCK:
+                self._decref(table[j])
+                table[j] = NULL_BLOCK
+                released += 1
+        return released
+
+    def _decref(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        if block.ref_count == 0:
+            self.free_queue[block_id] = None
+            if block.hash is None:
+                self.free_queue.move_to_end(block_id, last=False)
 
     @property
     def num_free_blocks(self) -> int:
@@ -67,7 +106,7 @@ class BlockManager:
 
     @property
     def num_used_blocks(self) -> int:
-        return self.num_blocks - len(self.free_queue)
+        return self.num_usable_blocks - len(self.free_queue)
 
     @property
     def num_evictable_blocks(self) -> int:
@@ -148,12 +187,8 @@ class BlockManager:
         """Drop seq's references (tail first) and clear its block_table. Does not touch
         num_computed_tokens: the caller (Scheduler) resets it when it requeues the sequence."""
         for block_id in reversed(seq.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            if block.ref_count == 0:
-                self.free_queue[block_id] = None
-                if block.hash is None:
-                    self.free_queue.move_to_end(block_id, last=False)
+            if not (self.window and block_id == NULL_BLOCK):
+                self._decref(block_id)
         seq.block_table.clear()
 
     def fork(self, parent: Sequence, child: Sequence) -> None:
@@ -171,7 +206,8 @@ class BlockManager:
                 break
             num_shared = i + 1
         for block_id in parent.block_table[:num_shared]:
-            self._incref(block_id)
+            if not (self.window and block_id == NULL_BLOCK):   # released out of the window: the child's too
+                self._incref(block_id)
         child.block_table.extend(parent.block_table[:num_shared])
         child.num_computed_tokens = num_shared * self.block_size
         child.num_cached_tokens = parent.num_cached_tokens
@@ -185,6 +221,8 @@ class BlockManager:
         num_full = min(seq.num_computed_tokens // bs, len(table))
         start = num_full
         while start > 0 and self.blocks[table[start - 1]].hash is None:
+            if self.window and table[start - 1] == NULL_BLOCK:
+                return   # the chain's parent was released: nothing more of this sequence is registered
             start -= 1
         parent = self.blocks[table[start - 1]].hash if start else None
         for i in range(start, num_full):
@@ -200,11 +238,21 @@ class BlockManager:
         that holds blocks (the scheduler's waiting + running)."""
         held: Counter[int] = Counter()
         for seq in live_seqs:
-            assert len(set(seq.block_table)) == len(seq.block_table), f"seq {seq.seq_id}: block twice in table"
+            table = [b for b in seq.block_table if not (self.window and b == NULL_BLOCK)]
+            assert len(set(table)) == len(table), f"seq {seq.seq_id}: block twice in table"
             assert len(seq.block_table) * self.block_size >= seq.num_computed_tokens, \
                 f"seq {seq.seq_id}: {seq.num_computed_tokens} computed tokens but {len(seq.block_table)} blocks"
-            held.update(seq.block_table)
+            if self.window:
+                needed = max(0, seq.num_computed_tokens - self.window + 1) // self.block_size
+                assert all(b != NULL_BLOCK for b in seq.block_table[needed:]), \
+                    f"seq {seq.seq_id}: a block inside the window was released"
+            held.update(table)
+        if self.window:
+            null = self.blocks[NULL_BLOCK]
+            assert null.ref_count == 0 and NULL_BLOCK not in self.free_queue and null.hash is None, "NULL_BLOCK in use"
         for block in self.blocks:
+            if self.window and block.block_id == NULL_BLOCK:
+                continue
             assert block.ref_count == held[block.block_id], \
                 f"block {block.block_id}: ref_count {block.ref_count} but held by {held[block.block_id]} seqs"
             assert (block.ref_count == 0) == (block.block_id in self.free_queue), \
@@ -212,7 +260,7 @@ class BlockManager:
             assert (block.hash is None) == (not block.token_ids), f"block {block.block_id}: hash without tokens"
             assert block.hash is None or len(block.token_ids) == self.block_size, \
                 f"block {block.block_id}: hashed but not full"
-        assert len(self.free_queue) + sum(1 for b in self.blocks if b.ref_count > 0) == self.num_blocks, \
-            "free + used != num_blocks"
+        assert len(self.free_queue) + sum(1 for b in self.blocks if b.ref_count > 0) == self.num_usable_blocks, \
+            "free + used != usable blocks"
         for block_hash, block_id in self.hash_to_block_id.items():
             assert self.blocks[block_id].hash == block_hash, f"hash map points to block {block_id} with another hash"

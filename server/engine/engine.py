@@ -41,7 +41,9 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.max_new_tokens = config.max_new_tokens
-        self.block_manager = BlockManager(runner.num_blocks, runner.block_size, config.enable_prefix_caching)
+        # a model whose every layer attends to a sliding window (Phi-3) releases the blocks that fall out of it
+        window = getattr(runner.model, "sliding_window", None)
+        self.block_manager = BlockManager(runner.num_blocks, runner.block_size, config.enable_prefix_caching, window)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    max_model_len)
         self.sampler = Sampler()

@@ -73,7 +73,7 @@ class Scheduler:
     def can_ever_fit(self, num_tokens: int) -> bool:
         """Whether a sequence of num_tokens tokens (prompt + max_tokens) could ever run alone."""
         return (num_tokens <= self.max_model_len
-                and self.block_manager.num_blocks_for(num_tokens) <= self.block_manager.num_blocks)
+                and self.block_manager.num_blocks_for(num_tokens) <= self.block_manager.num_usable_blocks)
 
     def add(self, seq: Sequence) -> None:
         assert seq.status is SequenceStatus.WAITING and not seq.block_table
@@ -152,6 +152,7 @@ class Scheduler:
             if seq.num_computed_tokens == seq.num_tokens:
                 seq.token_ids.append(sampled[seq.seq_id])
             self.block_manager.commit_full_blocks(seq)
+            self.block_manager.release_out_of_window(seq)   # sliding-window models: blocks no query can see
 
     def finish(self, seq: Sequence) -> None:
         """Remove seq (waiting or running), free its blocks and mark it FINISHED. Idempotent."""

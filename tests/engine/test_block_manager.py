@@ -177,3 +177,43 @@ def test_no_prefix_caching():
     bm.allocate(b, 9)
     assert b.num_computed_tokens == 0 and bm.hash_to_block_id == {}
     bm.check_integrity([a, b])
+
+
+def test_sliding_window_releases_the_blocks_no_query_can_see():
+    """window 8, blocks of 4: after 20 computed tokens the next query (position 20) sees keys 13..20, so
+    blocks 0-2 (positions 0-11) go back to the pool as NULL_BLOCK entries; they stay in the prefix cache."""
+    from server.engine.block_manager import NULL_BLOCK
+
+    bm = BlockManager(num_blocks=12, block_size=BS, window=8)
+    assert bm.num_free_blocks == 11 and NULL_BLOCK not in bm.free_queue   # block 0 is reserved
+    seq = make_seq(0, range(21))
+    compute(bm, seq, 20)
+    held = list(seq.block_table)
+    assert bm.release_out_of_window(seq) == 3
+    assert seq.block_table[:3] == [NULL_BLOCK] * 3 and seq.block_table[3:] == held[3:]
+    assert bm.num_used_blocks == 2 and all(bm.blocks[b].ref_count == 0 for b in held[:3])
+    bm.check_integrity([seq])
+    assert bm.release_out_of_window(seq) == 0   # idempotent
+    # another sequence with the same prefix still hits the released (hashed) blocks
+    other = make_seq(1, range(21))
+    assert bm.match_prefix(other)[:3] == held[:3]
+    # the released sequence keeps growing and registering blocks while its hash chain holds
+    seq.token_ids += [21, 22, 23, 24]
+    compute(bm, seq, 24)
+    bm.release_out_of_window(seq)
+    bm.check_integrity([seq])
+    child = make_seq(2, seq.token_ids[:25])
+    bm.fork(seq, child)   # the child shares the live blocks; the released entries stay NULL
+    assert child.block_table[:4] == [NULL_BLOCK] * 4
+    bm.check_integrity([seq, child])
+    bm.free(child)
+    bm.free(seq)
+    assert bm.num_used_blocks == 0 and bm.num_free_blocks == 11
+    bm.check_integrity([])
+
+
+def test_no_window_keeps_every_block():
+    bm = BlockManager(num_blocks=8, block_size=BS)
+    seq = make_seq(0, range(21))
+    compute(bm, seq, 20)
+    assert bm.release_out_of_window(seq) == 0 and bm.num_used_blocks == 5 and bm.num_free_blocks == 3

@@ -219,3 +219,39 @@ def test_unsupported_rope_type_falls_back_with_one_log_line(tmp_path, caplog):
         engine = build_engine(EngineConfig(dtype="float32"), str(tmp_path / "dynamic"))
     assert isinstance(engine, HFEngine)
     assert sum("not supported by the paged engine" in r.message for r in caplog.records) == 1
+
+
+def test_engine_releases_blocks_out_of_the_window_and_matches_transformers(folders, tmp_path, default_model):
+    """The whole engine on the windowed model (window 5, blocks of 2, chunked prefill): blocks that no later
+    query can see go back to the pool as the sequences advance, and every sequence still gets transformers'
+    greedy tokens."""
+    import shutil
+
+    from protocol.types import Finished, GenerateRequest, SamplingParams, TokenDelta
+    from server.config import EngineConfig
+    from server.engine.engine import Engine
+
+    hf_model, folder = folders["window"]
+    shutil.copytree(folder, tmp_path / "m")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):   # ids < 128 only are used
+        shutil.copy(f"{default_model}/{f}", tmp_path / "m" / f)
+    config = EngineConfig(kv_cache_gib=0.01, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=8, block_size=2)
+    engine = Engine.from_folder(str(tmp_path / "m"), config, torch.device("cpu"), torch.float32)
+    assert engine.block_manager.window == 5
+    prompts = [PROMPT, LONG_PROMPT[:17], PROMPT[2:]]
+    for i, ids in enumerate(prompts):
+        engine.add(GenerateRequest(f"r{i}", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                                   prompt_token_ids=ids))
+    tokens, released = {f"r{i}": [] for i in range(len(prompts))}, 0
+    while engine.has_unfinished():
+        for rid, ev in engine.step():
+            if isinstance(ev, TokenDelta):
+                tokens[rid] += ev.token_ids
+        engine.scheduler.check_integrity()
+        held = sum(len(s.block_table) for s in engine.scheduler.running)
+        released = max(released, held - engine.block_manager.num_used_blocks)
+    assert released >= 6   # table entries no longer holding a block (3 sequences, up to 12 blocks each)
+    hf_model.generation_config.eos_token_id = None
+    for i, ids in enumerate(prompts):
+        expected = hf_model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert tokens[f"r{i}"] == expected[0, len(ids):].tolist(), i
