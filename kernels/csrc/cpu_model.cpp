@@ -264,6 +264,15 @@ struct Layer {
   at::Tensor q_norm, k_norm;          // (D,) for Qwen3, else undefined
   Linear qkv, o, gate_up, down;       // gate_up / down unset in a mixture-of-experts layer
   std::shared_ptr<berth::MoeExperts> moe;   // the layer's experts and router (moe.h), or null
+  // Gemma 2/3: norms of the attention and MLP outputs before their residual adds (undefined elsewhere), the
+  // layer's own window, attention soft-capping, softmax scale, RoPE table (the local one for sliding layers)
+  // and GELU-tanh gate
+  at::Tensor attn_out_norm, ffn_out_norm;
+  int64_t window = 0;                 // keys p - window + 1 .. p; 0: every key
+  float softcap = 0.f;                // scores -> tanh(s / softcap) * softcap; 0: none
+  float scale = 0.f;                  // softmax scale
+  bool local_rope = false;
+  bool gelu = false;
 };
 
 // out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w, rows of length n (same formula as HF LlamaRMSNorm)
@@ -310,6 +319,15 @@ inline __m256 reduce8(const __m256* a) {
   return _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
 }
 #endif
+
+// a = gelu_tanh(g) * u (Gemma's gelu_pytorch_tanh)
+inline void gelu_mul(const float* g, const float* u, float* a, int64_t n) {
+  constexpr float kAlpha = 0.7978845608028654f;   // sqrt(2 / pi)
+  for (int64_t i = 0; i < n; ++i) {
+    const float x = g[i];
+    a[i] = 0.5f * x * (1.f + std::tanh(kAlpha * (x + 0.044715f * x * x * x))) * u[i];
+  }
+}
 
 // a = silu(g) * u = g / (1 + e^-g) * u
 inline void silu_mul(const float* g, const float* u, float* a, int64_t n) {
@@ -452,8 +470,9 @@ class NativeModel {
     TORCH_CHECK(rotary_dim > 0 && rotary_dim <= head_dim && rotary_dim % 2 == 0 && window >= 0,
                 "rotary_dim must be even and at most head_dim; window >= 0");
     for (auto item : layers) {
-      // (input_norm, post_norm, q_norm, k_norm, qkv, o, gate_up, down[, moe]); moe = (experts, router, top_k,
-      // normalize) with gate_up and down None: a softmax top-k mixture of experts (moe.h)
+      // (input_norm, post_norm, q_norm, k_norm, qkv, o, gate_up, down[, moe[, gemma]]); moe = (experts, router,
+      // top_k, normalize) with gate_up and down None: a softmax top-k mixture of experts (moe.h); gemma =
+      // (attn_out_norm, ffn_out_norm, window, softcap, scale, local_rope, gelu)
       py::tuple t = item.cast<py::tuple>();
       Layer layer;
       layer.input_norm = t[0].cast<at::Tensor>();
@@ -476,6 +495,21 @@ class NativeModel {
       } else {
         layer.gate_up = make_linear(t[6].cast<py::tuple>());
         layer.down = make_linear(t[7].cast<py::tuple>());
+      }
+      layer.window = window;
+      layer.scale = 1.f / std::sqrt(static_cast<float>(head_dim));
+      if (t.size() > 9 && !t[9].is_none()) {
+        py::tuple g = t[9].cast<py::tuple>();
+        layer.attn_out_norm = g[0].cast<at::Tensor>();
+        layer.ffn_out_norm = g[1].cast<at::Tensor>();
+        layer.window = g[2].cast<int64_t>();
+        layer.softcap = static_cast<float>(g[3].cast<double>());
+        layer.scale = static_cast<float>(g[4].cast<double>());
+        layer.local_rope = g[5].cast<bool>();
+        layer.gelu = g[6].cast<bool>();
+        for (const at::Tensor* w : {&layer.attn_out_norm, &layer.ffn_out_norm}) {
+          TORCH_CHECK(w->scalar_type() == at::kFloat && w->is_contiguous(), "norm weights must be contiguous fp32");
+        }
       }
       layers_.push_back(std::move(layer));
     }
@@ -501,14 +535,16 @@ class NativeModel {
   // the final norm of the last residual sum (T, H).
   bool team() const { return team_; }
 
-  at::Tensor forward(at::Tensor x, at::Tensor positions, at::Tensor cos_sin, py::list kv_caches,
-                     at::Tensor block_tables, at::Tensor token_rows, int64_t quantized_max_rows) {
+  at::Tensor forward(at::Tensor x, at::Tensor positions, at::Tensor cos_sin, at::Tensor cos_sin_local,
+                     py::list kv_caches, at::Tensor block_tables, at::Tensor token_rows, int64_t quantized_max_rows) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be (T, H) fp32");
     TORCH_CHECK(static_cast<size_t>(kv_caches.size()) == layers_.size(), "one (k, v) cache per layer");
     TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 &&
                 token_rows.scalar_type() == at::kInt, "block_tables and token_rows must be int32");
     TORCH_CHECK(positions.scalar_type() == at::kLong && cos_sin.scalar_type() == at::kFloat &&
                 cos_sin.is_contiguous(), "positions int64, cos_sin contiguous fp32");
+    TORCH_CHECK(cos_sin_local.sizes() == cos_sin.sizes() && cos_sin_local.scalar_type() == at::kFloat &&
+                cos_sin_local.is_contiguous(), "cos_sin_local must be shaped as cos_sin");
     const int64_t tokens = x.size(0), hidden = x.size(1);
     TORCH_CHECK(positions.numel() == tokens && token_rows.numel() == tokens, "one position and row per token");
     std::vector<std::pair<at::Tensor, at::Tensor>> caches;
@@ -551,11 +587,11 @@ class NativeModel {
     quantized_max_rows_ = quantized_max_rows;
     const int64_t qkv_width = (Hq + 2 * Hkv) * D;
     const float* cs_p = cos_sin.data_ptr<float>();
-    const float scale = 1.f / std::sqrt(static_cast<float>(D));
+    const float* csl_p = cos_sin_local.data_ptr<float>();
 
     // the team runs our kernels; a batch large enough for the bf16 (AMX) products takes the per-op path
     const int64_t bf16_rows = berth::bf16_min_rows();
-    if (team_ && (bf16_rows <= 0 || tokens < bf16_rows)) return forward_team(x, pos_p, row_p, bt_p, max_blocks, block_size, cs_p, caches);
+    if (team_ && (bf16_rows <= 0 || tokens < bf16_rows)) return forward_team(x, pos_p, row_p, bt_p, max_blocks, block_size, cs_p, csl_p, caches);
 
     at::Tensor residual = x.clone();
     at::Tensor normed = at::empty_like(x);
@@ -580,15 +616,16 @@ class NativeModel {
       for_rows(tokens, [&](int64_t begin, int64_t end) {
         for (int64_t t = begin; t < end; ++t) {
           const int64_t p = pos_p[t];
-          rope_and_store(L, qkv_p + t * qkv_width, cs_p + p * rotary_dim_, bt_p[row_p[t] * max_blocks + p / block_size],
-                         p % block_size, block_size, kc, vc);
+          rope_and_store(L, qkv_p + t * qkv_width, (L.local_rope ? csl_p : cs_p) + p * rotary_dim_,
+                         bt_p[row_p[t] * max_blocks + p / block_size], p % block_size, block_size, kc, vc);
         }
       });
 
-      paged_attention(qkv_p, qkv_width, kc, vc, bt_p, max_blocks, row_p, pos_p, block_size, tokens, scale,
+      paged_attention(L, qkv_p, qkv_width, kc, vc, bt_p, max_blocks, row_p, pos_p, block_size, tokens,
                       attn.data_ptr<float>());
 
       at::Tensor o = L.o(attn, quantized_max_rows_).contiguous();  // (T, H)
+      if (L.attn_out_norm.defined()) norm_rows(L.attn_out_norm, o.data_ptr<float>(), o.data_ptr<float>());
       residual.add_(o);
       norm_rows(L.post_norm, res_p, nrm_p);
 
@@ -603,10 +640,13 @@ class NativeModel {
       const float* gu_p = gu.data_ptr<float>();
       float* act_p = act.data_ptr<float>();
       for_rows(tokens, [&](int64_t begin, int64_t end) {
-        for (int64_t t = begin; t < end; ++t) silu_mul(gu_p + t * 2 * inter, gu_p + t * 2 * inter + inter,
-                                                       act_p + t * inter, inter);
+        for (int64_t t = begin; t < end; ++t) {
+          (L.gelu ? gelu_mul : silu_mul)(gu_p + t * 2 * inter, gu_p + t * 2 * inter + inter, act_p + t * inter, inter);
+        }
       });
-      residual.add_(L.down(act, quantized_max_rows_));
+      at::Tensor down = L.down(act, quantized_max_rows_).contiguous();
+      if (L.ffn_out_norm.defined()) norm_rows(L.ffn_out_norm, down.data_ptr<float>(), down.data_ptr<float>());
+      residual.add_(down);
     }
     at::Tensor out = at::empty_like(residual);
     norm_rows(final_norm_, res_p, out.data_ptr<float>());
@@ -620,14 +660,13 @@ class NativeModel {
   // SiLU) is split across the team's threads and separated by spin barriers, so the threads are woken
   // once per step instead of ~5 times per layer.
   at::Tensor forward_team(const at::Tensor& x, const int64_t* pos_p, const int32_t* row_p, const int32_t* bt_p,
-                          int64_t max_blocks, int64_t block_size, const float* cs_p,
+                          int64_t max_blocks, int64_t block_size, const float* cs_p, const float* csl_p,
                           const std::vector<std::pair<at::Tensor, at::Tensor>>& caches) const {
     const int64_t T = x.size(0), H = x.size(1);
     const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, W = (Hq + 2 * Hkv) * D;
     int64_t inter = 0;   // the dense layers' MLP width (mixture-of-experts layers keep their own buffers)
     for (const Layer& L : layers_) if (!L.moe) inter = std::max(inter, L.gate_up.native_rows() / 2);
     const int64_t max_k = std::max({H, Hq * D, inter});
-    const float scale = 1.f / std::sqrt(static_cast<float>(D));
     at::Tensor residual = x.clone(), out = at::empty_like(x);
     std::vector<float> normed(T * H), qkv(T * W), attn(T * Hq * D), gu(T * 2 * inter), act(T * inter), y(T * H);
     QuantizedRows qx{std::vector<int8_t>(T * max_k), std::vector<float>(T * max_k / kGroup),
@@ -649,10 +688,12 @@ class NativeModel {
       const int tid = omp_get_thread_num(), n = team_size;
       int64_t r0, r1;  // this thread's rows in the per-row phases
       std::tie(r0, r1) = share(T, tid, n);
-      // each row: (residual += y), rms_norm -> normed, rounded to int8 per group for the next product
-      auto add_norm_quantize = [&](const at::Tensor& w, bool add) {
+      // each row: (residual += y, y first normed by y_norm when defined: Gemma's output norms), rms_norm ->
+      // normed, rounded to int8 per group for the next product
+      auto add_norm_quantize = [&](const at::Tensor& w, bool add, const at::Tensor& y_norm) {
         for (int64_t t = r0; t < r1; ++t) {
           float* row = res + t * H;
+          if (add && y_norm.defined()) rms_norm_row(y.data() + t * H, y_norm.data_ptr<float>(), y.data() + t * H, H, eps_);
           if (add) for (int64_t i = 0; i < H; ++i) row[i] += y[t * H + i];
           rms_norm_row(row, w.data_ptr<float>(), normed.data() + t * H, H, eps_);
         }
@@ -673,7 +714,7 @@ class NativeModel {
         const Layer& L = layers_[li];
         float* kc = caches[li].first.data_ptr<float>();
         float* vc = caches[li].second.data_ptr<float>();
-        add_norm_quantize(L.input_norm, li > 0);
+        add_norm_quantize(L.input_norm, li > 0, li > 0 ? layers_[li - 1].ffn_out_norm : at::Tensor());
         barrier->wait();
         product(L.qkv, H, qkv.data());
         barrier->wait();
@@ -684,20 +725,20 @@ class NativeModel {
             for (int64_t i = 0; i < W; ++i) row[i] += bias[i];
           }
           const int64_t p = pos_p[t];
-          rope_and_store(L, row, cs_p + p * rotary_dim_, bt_p[row_p[t] * max_blocks + p / block_size], p % block_size,
-                         block_size, kc, vc);
+          rope_and_store(L, row, (L.local_rope ? csl_p : cs_p) + p * rotary_dim_,
+                         bt_p[row_p[t] * max_blocks + p / block_size], p % block_size, block_size, kc, vc);
         }
         barrier->wait();
         int64_t u0, u1;
         std::tie(u0, u1) = share(attention_units(T), tid, n);
-        attention_range(u0, u1, qkv.data(), W, kc, vc, bt_p, max_blocks, row_p, pos_p, block_size, T, scale,
+        attention_range(L, u0, u1, qkv.data(), W, kc, vc, bt_p, max_blocks, row_p, pos_p, block_size, T,
                         attn.data());
         barrier->wait();
         quantize_range(attn.data(), r0 * Hq * D / kGroup, r1 * Hq * D / kGroup, qx);
         barrier->wait();
         product(L.o, Hq * D, y.data());
         barrier->wait();
-        add_norm_quantize(L.post_norm, true);
+        add_norm_quantize(L.post_norm, true, L.attn_out_norm);
         barrier->wait();
         if (L.moe) {   // route, group (thread 0), gather, gate|up, activate, down, combine: moe.h's phases
           if (tid == 0) moe_step = std::make_unique<berth::MoeStep>(*L.moe, T);
@@ -726,7 +767,8 @@ class NativeModel {
         product(L.gate_up, H, gu.data());
         barrier->wait();
         for (int64_t t = r0; t < r1; ++t) {
-          silu_mul(gu.data() + t * 2 * inter, gu.data() + t * 2 * inter + inter, act.data() + t * inter, inter);
+          (L.gelu ? gelu_mul : silu_mul)(gu.data() + t * 2 * inter, gu.data() + t * 2 * inter + inter,
+                                         act.data() + t * inter, inter);
         }
         quantize_range(act.data(), r0 * inter / kGroup, r1 * inter / kGroup, qx);
         barrier->wait();
@@ -734,8 +776,10 @@ class NativeModel {
         barrier->wait();
       }
       float* o = out.data_ptr<float>();
+      const at::Tensor& last_norm = layers_.back().ffn_out_norm;
       for (int64_t t = r0; t < r1; ++t) {
         float* row = res + t * H;
+        if (last_norm.defined()) rms_norm_row(y.data() + t * H, last_norm.data_ptr<float>(), y.data() + t * H, H, eps_);
         for (int64_t i = 0; i < H; ++i) row[i] += y[t * H + i];
         rms_norm_row(row, final_norm_.data_ptr<float>(), o + t * H, H, eps_);
       }
@@ -761,11 +805,11 @@ class NativeModel {
     std::copy(row + (Hq + Hkv) * D, row + (Hq + 2 * Hkv) * D, vc + slot * Hkv * D);
   }
 
-  void paged_attention(const float* qkv, int64_t qkv_width, const float* kc, const float* vc,
+  void paged_attention(const Layer& L, const float* qkv, int64_t qkv_width, const float* kc, const float* vc,
                        const int32_t* bt, int64_t max_blocks, const int32_t* rows, const int64_t* pos,
-                       int64_t block_size, int64_t tokens, float scale, float* out) const {
+                       int64_t block_size, int64_t tokens, float* out) const {
     at::parallel_for(0, attention_units(tokens), 1, [&](int64_t begin, int64_t end) {
-      attention_range(begin, end, qkv, qkv_width, kc, vc, bt, max_blocks, rows, pos, block_size, tokens, scale, out);
+      attention_range(L, begin, end, qkv, qkv_width, kc, vc, bt, max_blocks, rows, pos, block_size, tokens, out);
     });
   }
 
@@ -777,9 +821,11 @@ class NativeModel {
     return items >= 64 ? (items + 1) / 2 : items;
   }
 
-  void attention_range(int64_t begin, int64_t end, const float* qkv, int64_t qkv_width, const float* kc,
-                       const float* vc, const int32_t* bt, int64_t max_blocks, const int32_t* rows,
-                       const int64_t* pos, int64_t block_size, int64_t tokens, float scale, float* out) const {
+  // with the layer's softmax scale, window (keys p - window + 1 .. p) and score soft-capping
+  void attention_range(const Layer& L, int64_t begin, int64_t end, const float* qkv, int64_t qkv_width,
+                       const float* kc, const float* vc, const int32_t* bt, int64_t max_blocks, const int32_t* rows,
+                       const int64_t* pos, int64_t block_size, int64_t tokens, float* out) const {
+    const float scale = L.scale;
     const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, group = Hq / Hkv;
     const int64_t items = tokens * Hq;
     const bool pairs = items >= 64;
@@ -799,9 +845,12 @@ class NativeModel {
         const int64_t slot = static_cast<int64_t>(bt[row * max_blocks + j / block_size]) * block_size + j % block_size;
         off.push_back((slot * Hkv + h) * D);
       }
-      const int64_t first = window_ > 0 ? std::max<int64_t>(0, len - window_) : 0, n = len - first;
+      const int64_t first = L.window > 0 ? std::max<int64_t>(0, len - L.window) : 0, n = len - first;
       scores.resize(n);
       attention_scores(qkv + t * qkv_width + head * D, kc, off.data() + first, n, D, scale, scores.data());
+      if (L.softcap > 0.f) {
+        for (int64_t j = 0; j < n; ++j) scores[j] = std::tanh(scores[j] / L.softcap) * L.softcap;
+      }
       softmax(scores.data(), n);
       weighted_values(scores.data(), vc, off.data() + first, n, D, out + (t * Hq + head) * D);
     };

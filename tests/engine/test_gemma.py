@@ -10,7 +10,9 @@ Configs (sliding_window 4, so the 13-token prompt outgrows it; norms randomised 
   output layer, no soft-capping.
 - gemma2_gguf: gemma2 with query_pre_attn_scalar = head_dim, the value llama.cpp derives for a GGUF that is not
   the 27B model (the GGUF has no key for it).
-Gemma never takes the native C++ step (native_capable False): every case runs the PyTorch path.
+Gemma runs on the native C++ step (its (1 + w) norms, output norms, GELU-tanh, per-layer windows and RoPE tables,
+soft-capping and scale): the comparisons with transformers below run the C++ step where the extension is built,
+and test_native_and_pytorch_paths_agree checks it against the PyTorch path.
 """
 import copy
 
@@ -78,7 +80,7 @@ def case(request, folders):
 def test_configs_are_supported_with_their_layers(case):
     name, hf_model, model = case
     assert is_supported(hf_model.config)
-    assert not model.native_capable
+    assert model.native_capable
     assert layer_windows(hf_model.config) == ([4, None] if name == "gemma2" else [4] * 5 + [None])
     attn = [layer.self_attn for layer in model.model.layers]
     assert [a.sliding_window for a in attn] == layer_windows(hf_model.config)
@@ -103,7 +105,34 @@ def test_chunked_prefill_over_a_cached_prefix_then_decode_matches_transformers(c
     got.append(run_chunk(model, caches, PROMPT[cut1:cut2], cut1, blocks))   # a chunk over the cached prefix
     got += [run_chunk(model, caches, [t], p, blocks) for p, t in enumerate(PROMPT) if p >= cut2]
     torch.testing.assert_close(torch.cat(got), hf_logits(hf_model, PROMPT), atol=1e-4, rtol=1e-4)
-    assert getattr(model, "_native", None) is None   # never the C++ step
+    from kernels import native
+    assert (getattr(model, "_native", None) is not None) == (native.load() is not None)   # the C++ step
+
+
+@pytest.mark.parametrize("quantization", ["none", "int4"])
+def test_native_and_pytorch_paths_agree(case, quantization):
+    """The C++ step against the PyTorch path: a prefill, a chunk over the cached prefix that outgrows the window,
+    and decode steps; int4 runs the one-team step."""
+    from kernels import native
+
+    if native.load() is None:
+        pytest.skip("the native extension is not built here")
+    _, _, model = case
+    model = copy.deepcopy(model)
+    if quantization == "int4":
+        model.quantize("int4")
+    results = []
+    for native_step in (True, False):
+        model.native_step = native_step
+        caches, blocks = new_caches(model, 64), scattered_table(3)
+        got = [run_chunk(model, caches, PROMPT[:3], 0, blocks), run_chunk(model, caches, PROMPT[3:8], 3, blocks)]
+        got += [run_chunk(model, caches, [t], p, blocks) for p, t in enumerate(PROMPT) if p >= 8]
+        results.append(torch.cat(got))
+    assert model._native.team == (quantization == "int4")
+    if quantization == "none":
+        torch.testing.assert_close(results[0], results[1], atol=2e-5, rtol=1e-4)
+    else:
+        assert torch.nn.functional.cosine_similarity(results[0], results[1], dim=1).min() > 0.999
 
 
 def test_batched_with_other_sequences_matches_transformers(case):
@@ -298,7 +327,7 @@ def test_unsupported_gemma_variants_stay_off_the_paged_engine(folders):
 
 
 def test_engine_serves_gemma_on_the_paged_engine(folders, tmp_path, caplog):
-    """End to end: the factory picks the paged engine, logs why the native step is off, and two batched requests
+    """End to end: the factory picks the paged engine with the native step, and two batched requests
     (prompt token ids, greedy) give transformers' tokens, through the scheduler, the model runner and the
     sliding-window layers."""
     import shutil
@@ -318,8 +347,8 @@ def test_engine_serves_gemma_on_the_paged_engine(folders, tmp_path, caplog):
                               str(tmp_path / "m"))
     assert isinstance(engine, Engine)
     from kernels import native
-    if native.load() is not None:   # the native step would run this CPU fp32 model: the log says why it does not
-        assert any("Gemma layers" in r.message for r in caplog.records)
+    if native.load() is not None:
+        assert any("native step" in r.message for r in caplog.records)
     prompts = {"a": PROMPT, "b": PROMPT[:8] + [5, 9, 33]}
     requests = [GenerateRequest(rid, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
                                 prompt_token_ids=ids) for rid, ids in prompts.items()]

@@ -215,22 +215,24 @@ def test_native_step_checks_its_inputs(checkpoint, extension):  # noqa: F811
     table, rows = torch.tensor([[0]], dtype=torch.int32), torch.tensor([0], dtype=torch.int32)
     pos = torch.tensor([0])
     with pytest.raises(RuntimeError, match="int32"):
-        step.forward(x, pos, cos_sin, caches, table.long(), rows, 16)
+        step.forward(x, pos, cos_sin, cos_sin, caches, table.long(), rows, 16)
     with pytest.raises(RuntimeError, match="fp32"):
-        step.forward(x.double(), pos, cos_sin, caches, table, rows, 16)
+        step.forward(x.double(), pos, cos_sin, cos_sin, caches, table, rows, 16)
     with pytest.raises(RuntimeError, match="per layer"):
-        step.forward(x, pos, cos_sin, caches[:1], table, rows, 16)
+        step.forward(x, pos, cos_sin, cos_sin, caches[:1], table, rows, 16)
     with pytest.raises(RuntimeError, match="one position and row per token"):
-        step.forward(x, torch.tensor([0, 1]), cos_sin, caches, table, rows, 16)
+        step.forward(x, torch.tensor([0, 1]), cos_sin, cos_sin, caches, table, rows, 16)
     with pytest.raises(RuntimeError, match="token_rows out of range"):
-        step.forward(x, pos, cos_sin, caches, table, torch.tensor([1], dtype=torch.int32), 16)
+        step.forward(x, pos, cos_sin, cos_sin, caches, table, torch.tensor([1], dtype=torch.int32), 16)
     with pytest.raises(RuntimeError, match="outside the block table"):
-        step.forward(x, torch.tensor([BLOCK_SIZE]), cos_sin, caches, table, rows, 16)
+        step.forward(x, torch.tensor([BLOCK_SIZE]), cos_sin, cos_sin, caches, table, rows, 16)
     with pytest.raises(RuntimeError, match="outside the KV cache"):
-        step.forward(x, pos, cos_sin, caches, torch.tensor([[len(caches[0][0])]], dtype=torch.int32), rows, 16)
+        step.forward(x, pos, cos_sin, cos_sin, caches, torch.tensor([[len(caches[0][0])]], dtype=torch.int32), rows, 16)
+    with pytest.raises(RuntimeError, match="cos_sin_local"):
+        step.forward(x, pos, cos_sin, cos_sin[:1], caches, table, rows, 16)
     with pytest.raises(RuntimeError, match="KV caches"):
-        step.forward(x, pos, cos_sin, [(k.double(), v.double()) for k, v in caches], table, rows, 16)
-    assert step.forward(x, pos, cos_sin, caches, table, rows, 16).shape == x.shape
+        step.forward(x, pos, cos_sin, cos_sin, [(k.double(), v.double()) for k, v in caches], table, rows, 16)
+    assert step.forward(x, pos, cos_sin, cos_sin, caches, table, rows, 16).shape == x.shape
 
 
 def test_disabled_by_environment(monkeypatch):

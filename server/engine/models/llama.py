@@ -27,9 +27,10 @@ mask and softmax, in kernels.paged_attention), final logit soft-capping (compute
 layers alternating with global ones per config.layer_types (Gemma 2: every other layer; Gemma 3: five local
 to one global), Gemma 3's q/k norms on each head before RoPE and its two RoPE tables (local layers:
 rope_local_base_freq, unscaled; global layers: rope_theta and their rope scaling, e.g. linear). The C++ step
-runs none of this, so a Gemma model always takes the PyTorch path (native_capable False). NOTE: a local
-layer attends to its window only, but its KV cache keeps every block of the sequence (the same block table
-serves every layer): freeing the blocks that fell out of the window is not done.
+computes all of it but the embedding scale and the final soft-capping, which stay here (_native_layer passes the
+(1 + w) norm weights, the output norms, each layer's window, soft-cap, scale and RoPE table, and GELU-tanh).
+NOTE: a local layer attends to its window only, but its KV cache keeps every block of the sequence (the same
+block table serves the global layers): only a model whose every layer is windowed (Phi-3) releases blocks.
 """
 from __future__ import annotations
 
@@ -402,10 +403,11 @@ class LlamaForCausalLM(nn.Module):
         # the C++ step runs softmax top-k experts without shared experts (Mixtral, Qwen3-MoE) when every expert is
         # in a native kernel's layout (checked when the step is built: _native_model)
         native_moe = moe is None or (moe["scoring"] == "softmax" and not moe["shared_intermediate_size"])
-        self.native_capable = not (gemma or mla) and native_moe
-        self.native_reason = ("Gemma layers (soft-capping, four norms per layer, GELU, per-layer windows)" if gemma
-                              else "latent attention (MLA)" if mla else "mixture-of-experts layers with shared "
-                              "experts or non-softmax routing")
+        # Gemma: with the GELU-tanh MLP (every released Gemma 2/3); the exact-GELU variant stays on PyTorch
+        native_gemma = not gemma or GEMMA_ACTIVATIONS[config.hidden_activation] == "tanh"
+        self.native_capable = not mla and native_moe and native_gemma
+        self.native_reason = ("Gemma's exact-GELU MLP" if gemma else "latent attention (MLA)" if mla
+                              else "mixture-of-experts layers with shared experts or non-softmax routing")
         self.sliding_window = sliding_window_of(config)
         # Gemma: embeddings times sqrt(hidden_size); logits soft-capped (tanh(logits / cap) * cap)
         self.embed_scale = config.hidden_size ** 0.5 if gemma else None
@@ -426,7 +428,10 @@ class LlamaForCausalLM(nn.Module):
             x = x.to(self.model.norm.weight.dtype)
         native_model = self._native_model(x, kv_caches, meta)
         if native_model is not None:
-            return native_model.forward(x, positions, self.model.rotary_emb.cos_sin_cache, kv_caches,  # final norm included
+            local = getattr(self.model, "rotary_emb_local", None)   # Gemma 3's local layers
+            cos_sin = self.model.rotary_emb.cos_sin_cache
+            return native_model.forward(x, positions, cos_sin, cos_sin if local is None else local.cos_sin_cache,
+                                        kv_caches,  # final norm included
                                         meta.block_tables, meta.token_rows, QUANTIZED_MAX_ROWS)  # (T, hidden)
         cos, sin = self.model.rotary_emb.lookup(positions)  # (T, 1, D/2), shared by every layer
         local = getattr(self.model, "rotary_emb_local", None)
@@ -473,13 +478,14 @@ class LlamaForCausalLM(nn.Module):
                 self.native_step = False
                 return None
             attn = self.model.layers[0].self_attn
-            layers = [_native_layer(layer) for layer in self.model.layers]
+            local_rope = getattr(self.model, "rotary_emb_local", None) is not None
+            layers = [_native_layer(layer, local_rope) for layer in self.model.layers]
             if any(layer is None for layer in layers):   # experts not in a native layout (e.g. fp32 weights)
                 self.native_capable = False
                 self.native_reason = "mixture-of-experts layers whose experts are not GGUF / int4 weights"
                 return None
             self._native = ext.NativeModel(layers,
-                                           self.model.norm.weight, attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                           _norm_weight(self.model.norm), attn.num_heads, attn.num_kv_heads, attn.head_dim,
                                            float(self.config.rms_norm_eps), rotary_dim_of(self.config),
                                            getattr(self, "sliding_window", None) or 0)
         return self._native
@@ -535,12 +541,27 @@ def _native_linear(linear: Linear) -> tuple:
     return linear.weight, 0, None, None, 0, linear.bias, None, None
 
 
-def _native_layer(layer: DecoderLayer) -> tuple | None:
-    """The layer as kernels/csrc/cpu_model.cpp's NativeModel reads it; None for experts it cannot run."""
+def _norm_weight(norm: RMSNorm) -> Tensor:
+    """The weight an RMSNorm multiplies by: Gemma's 1 + weight (unless the file stores it so), fp32."""
+    if isinstance(norm, GemmaRMSNorm) and norm.unit_offset:
+        return (norm.weight.float() + 1.0).contiguous()
+    return norm.weight.float().contiguous() if norm.weight.dtype != torch.float32 else norm.weight
+
+
+def _native_layer(layer: DecoderLayer, local_rope: bool = False) -> tuple | None:
+    """The layer as kernels/csrc/cpu_model.cpp's NativeModel reads it; None for experts it cannot run. Gemma:
+    the MLP's input norm is pre_feedforward_layernorm, and post_attention / post_feedforward norm the outputs."""
     attn = layer.self_attn
-    q_norm, k_norm = (attn.q_norm.weight, attn.k_norm.weight) if attn.has_qk_norm else (None, None)
-    head = (layer.input_layernorm.weight, layer.post_attention_layernorm.weight, q_norm, k_norm,
+    q_norm, k_norm = (_norm_weight(attn.q_norm), _norm_weight(attn.k_norm)) if attn.has_qk_norm else (None, None)
+    gemma = isinstance(layer, GemmaDecoderLayer)
+    mlp_norm = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
+    head = (_norm_weight(layer.input_layernorm), _norm_weight(mlp_norm), q_norm, k_norm,
             _native_linear(attn.qkv_proj), _native_linear(attn.o_proj))
+    if gemma:
+        extras = (_norm_weight(layer.post_attention_layernorm), _norm_weight(layer.post_feedforward_layernorm),
+                  attn.sliding_window or 0, float(attn.softcap or 0.0), float(attn.scale),
+                  local_rope and attn.layer_type == "sliding_attention", True)
+        return head + (_native_linear(layer.mlp.gate_up_proj), _native_linear(layer.mlp.down_proj), None, extras)
     if not isinstance(layer.mlp, SparseMoe):
         return head + (_native_linear(layer.mlp.gate_up_proj), _native_linear(layer.mlp.down_proj))
     experts = layer.mlp.native_experts()
