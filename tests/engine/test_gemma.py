@@ -26,8 +26,8 @@ from server.engine.models.gguf_loader import build_gguf_model, config_from_metad
 from server.engine.models.llama import GemmaRMSNorm, is_supported, layer_windows
 from server.engine.models.weights import build_model
 from tests.engine.test_gguf_models import make_folder
-from tests.engine.test_models import (PROMPT, assert_greedy_matches, hf_logits, mixed_batch_logits, new_caches,
-                                      run_chunk, scattered_table)
+from tests.engine.test_models import (PROMPT, assert_greedy_matches, chunks_then_decode, hf_logits, mixed_batch_logits,
+                                      native_and_pytorch_logits, new_caches, run_chunk, scattered_table)
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, rms_norm_eps=1e-6, initializer_range=0.1, sliding_window=4, max_position_embeddings=64,
@@ -99,12 +99,8 @@ def test_prefill_matches_transformers(case):
 
 def test_chunked_prefill_over_a_cached_prefix_then_decode_matches_transformers(case):
     _, hf_model, model = case
-    caches, blocks = new_caches(model, 64), scattered_table(11)
-    cut1, cut2 = 3, len(PROMPT) - 4
-    got = [run_chunk(model, caches, PROMPT[:cut1], 0, blocks)]
-    got.append(run_chunk(model, caches, PROMPT[cut1:cut2], cut1, blocks))   # a chunk over the cached prefix
-    got += [run_chunk(model, caches, [t], p, blocks) for p, t in enumerate(PROMPT) if p >= cut2]
-    torch.testing.assert_close(torch.cat(got), hf_logits(hf_model, PROMPT), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(chunks_then_decode(model, PROMPT, 3, len(PROMPT) - 4), hf_logits(hf_model, PROMPT),
+                               atol=1e-4, rtol=1e-4)
     from kernels import native
     assert (getattr(model, "_native", None) is not None) == (native.load() is not None)   # the C++ step
 
@@ -121,18 +117,12 @@ def test_native_and_pytorch_paths_agree(case, quantization):
     model = copy.deepcopy(model)
     if quantization == "int4":
         model.quantize("int4")
-    results = []
-    for native_step in (True, False):
-        model.native_step = native_step
-        caches, blocks = new_caches(model, 64), scattered_table(3)
-        got = [run_chunk(model, caches, PROMPT[:3], 0, blocks), run_chunk(model, caches, PROMPT[3:8], 3, blocks)]
-        got += [run_chunk(model, caches, [t], p, blocks) for p, t in enumerate(PROMPT) if p >= 8]
-        results.append(torch.cat(got))
+    native_logits, torch_logits = native_and_pytorch_logits(model, PROMPT, 3, 8)
     assert model._native.team == (quantization == "int4")
     if quantization == "none":
-        torch.testing.assert_close(results[0], results[1], atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(native_logits, torch_logits, atol=2e-5, rtol=1e-4)
     else:
-        assert torch.nn.functional.cosine_similarity(results[0], results[1], dim=1).min() > 0.999
+        assert torch.nn.functional.cosine_similarity(native_logits, torch_logits, dim=1).min() > 0.999
 
 
 def test_batched_with_other_sequences_matches_transformers(case):

@@ -94,6 +94,25 @@ def scattered_table(start: int, n: int = 10) -> list[int]:
     return [(start + 7 * i) % 64 for i in range(n)]   # scattered, distinct blocks of a 64-block pool
 
 
+def chunks_then_decode(model, prompt: list[int], cut1: int, cut2: int, first_block: int = 11):
+    """Logits (len(prompt), vocab) of prompt fed as a prefill of prompt[:cut1], a chunk over that cached prefix
+    (prompt[cut1:cut2]), then one decode step per remaining token, over scattered blocks of a fresh cache."""
+    caches, blocks = new_caches(model, 64), scattered_table(first_block)
+    got = [run_chunk(model, caches, prompt[:cut1], 0, blocks), run_chunk(model, caches, prompt[cut1:cut2], cut1, blocks)]
+    got += [run_chunk(model, caches, [t], p, blocks) for p, t in enumerate(prompt) if p >= cut2]
+    return torch.cat(got)
+
+
+def native_and_pytorch_logits(model, prompt: list[int], cut1: int, cut2: int) -> tuple:
+    """chunks_then_decode on the C++ step, then on the PyTorch path (model.native_step toggled)."""
+    results = []
+    for native_step in (True, False):
+        model.native_step = native_step
+        results.append(chunks_then_decode(model, prompt, cut1, cut2, first_block=3))
+    model.native_step = True
+    return results[0], results[1]
+
+
 def assert_greedy_matches(hf_model, model, prompt: list[int], new_tokens: int) -> None:
     """Greedy decoding through the paged cache (a prefill, then one-token steps over scattered blocks) gives
     transformers' generate tokens."""

@@ -17,8 +17,8 @@ from server.engine.models.arch import kv_layout
 from server.engine.models.llama import is_supported
 from server.engine.models.moe import SparseMoe
 from server.engine.models.weights import build_model
-from tests.engine.test_models import (PROMPT, assert_greedy_matches, hf_logits, mixed_batch_logits, new_caches,
-                                      run_chunk, scattered_table)
+from tests.engine.test_models import (PROMPT, assert_greedy_matches, chunks_then_decode, hf_logits, mixed_batch_logits,
+                                      native_and_pytorch_logits, new_caches, run_chunk, scattered_table)
 
 BASE = dict(vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             max_position_embeddings=128, rms_norm_eps=1e-5, initializer_range=0.1, pad_token_id=0,
@@ -102,10 +102,8 @@ def test_prefill_matches_transformers(case):
 
 def test_chunked_prefill_over_a_cached_prefix_then_decode_matches_transformers(case):
     _, hf_model, model = case
-    caches, blocks = new_caches(model, 64), scattered_table(11)
-    got = [run_chunk(model, caches, PROMPT[:4], 0, blocks), run_chunk(model, caches, PROMPT[4:9], 4, blocks)]
-    got += [run_chunk(model, caches, [t], p, blocks) for p, t in enumerate(PROMPT) if p >= 9]
-    torch.testing.assert_close(torch.cat(got), hf_logits(hf_model, PROMPT), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(chunks_then_decode(model, PROMPT, 4, 9), hf_logits(hf_model, PROMPT),
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_batched_with_other_sequences_matches_transformers(case):
@@ -490,13 +488,6 @@ def test_native_step_runs_moe_layers_as_the_pytorch_path_does(name, qtype, tmp_p
         pytest.skip("the native extension is not built here")
     write_moe_gguf(tmp_path / "m.gguf", tiny(name), name, qtype)
     model, _ = build_gguf_model(make_folder(tmp_path, tmp_path / "m.gguf"), torch.device("cpu"))
-    results = []
-    for use_native in (True, False):
-        model.native_step = use_native
-        caches, blocks = new_caches(model, 64), scattered_table(5)
-        got = [run_chunk(model, caches, PROMPT[:6], 0, blocks), run_chunk(model, caches, PROMPT[6:10], 6, blocks)]
-        got += [run_chunk(model, caches, [t], p, blocks) for p, t in enumerate(PROMPT) if p >= 10]
-        results.append(torch.cat(got))
-        if use_native:
-            assert model._native is not None and model._native.team
-    assert_close_but_routing(results[0], results[1], min_cosine=0.9999)
+    native_logits, torch_logits = native_and_pytorch_logits(model, PROMPT, 6, 10)
+    assert model._native is not None and model._native.team
+    assert_close_but_routing(native_logits, torch_logits, min_cosine=0.9999)

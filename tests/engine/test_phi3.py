@@ -21,8 +21,8 @@ from server.engine.models.gguf_loader import build_gguf_model
 from server.engine.models.llama import is_supported
 from server.engine.models.weights import build_model
 from tests.engine.test_gguf_models import hf_from_stored, make_folder, write_gguf
-from tests.engine.test_models import (PROMPT, assert_greedy_matches, hf_logits, mixed_batch_logits, new_caches,
-                                      run_chunk, scattered_table)
+from tests.engine.test_models import (PROMPT, assert_greedy_matches, chunks_then_decode, hf_logits, mixed_batch_logits,
+                                      native_and_pytorch_logits, new_caches, run_chunk, scattered_table)
 
 ORIGINAL = 16
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -98,12 +98,8 @@ def test_prefill_matches_transformers(case):
 
 def test_chunked_prefill_over_a_cached_prefix_then_decode_matches_transformers(case):
     _, hf_model, model, prompt, _, native = case
-    caches, blocks = new_caches(model, 64), scattered_table(11)
-    cut1, cut2 = 4, len(prompt) - 4
-    got = [run_chunk(model, caches, prompt[:cut1], 0, blocks)]
-    got.append(run_chunk(model, caches, prompt[cut1:cut2], cut1, blocks))   # a chunk over the cached prefix
-    got += [run_chunk(model, caches, [t], p, blocks) for p, t in enumerate(prompt) if p >= cut2]
-    torch.testing.assert_close(torch.cat(got), hf_logits(hf_model, prompt), atol=1e-4, rtol=1e-4)
+    logits = chunks_then_decode(model, prompt, 4, len(prompt) - 4)   # a chunk over the cached prefix, then decode
+    torch.testing.assert_close(logits, hf_logits(hf_model, prompt), atol=1e-4, rtol=1e-4)
     assert (getattr(model, "_native", None) is not None) == native
 
 
@@ -132,13 +128,7 @@ def test_native_and_pytorch_paths_agree(folders, config_name, prompt):
         model = build_model(folder, torch.float32, "cpu")
         if quantization == "int4":
             model.quantize("int4")
-        results = []
-        for native_step in (True, False):
-            model.native_step = native_step
-            caches, blocks = new_caches(model, 64), scattered_table(3)
-            got = [run_chunk(model, caches, prompt[:4], 0, blocks), run_chunk(model, caches, prompt[4:9], 4, blocks)]
-            got += [run_chunk(model, caches, [t], p, blocks) for p, t in enumerate(prompt) if p >= 9]
-            results.append(torch.cat(got))
+        results = native_and_pytorch_logits(model, prompt, 4, 9)
         assert model._native is not None and model._native.team == (quantization == "int4")
         if quantization == "none":
             torch.testing.assert_close(results[0], results[1], atol=2e-5, rtol=1e-4)
