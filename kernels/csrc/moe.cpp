@@ -86,13 +86,14 @@ MoeExperts::MoeExperts(pybind11::list experts, pybind11::object router_obj, int6
   TORCH_CHECK(top_k > 0 && top_k <= num_experts(), "MoE: top_k out of range");
 }
 
-MoeStep::MoeStep(const MoeExperts& m, int64_t tokens)
-    : m_(m), tokens_(tokens), ids_(tokens * m.top_k), weights_(tokens * m.top_k), slots_(tokens) {}
+MoeStep::MoeStep(const MoeExperts& m, int64_t tokens, int64_t top_k)
+    : m_(m), tokens_(tokens), top_k_(top_k ? top_k : m.top_k), ids_(tokens * top_k_), weights_(tokens * top_k_),
+      slots_(tokens) {}
 
 // softmax over the experts, the top k (ties: the lower id first), renormalised when asked, as
 // transformers' Mixtral / Qwen-MoE routers compute them
 void MoeStep::route(const float* x, int64_t r0, int64_t r1) {
-  const int64_t E = m_.num_experts(), H = m_.hidden, k = m_.top_k;
+  const int64_t E = m_.num_experts(), H = m_.hidden, k = top_k_;
   const float* w = m_.router.data_ptr<float>();
   std::vector<float> p(E);
   std::vector<int64_t> order(E);
@@ -125,7 +126,7 @@ void MoeStep::set_routes(const int64_t* ids, const float* weights) {
 }
 
 void MoeStep::group() {
-  const int64_t E = m_.num_experts(), k = m_.top_k;
+  const int64_t E = m_.num_experts(), k = top_k_;
   std::vector<int64_t> index(E, -1);
   std::vector<int64_t> count(E, 0);
   for (int64_t i = 0; i < tokens_ * k; ++i) {
@@ -250,10 +251,7 @@ class NativeMoe {
     const at::Tensor x = x_in.contiguous(), ids = ids_in.contiguous(), weights = weights_in.to(at::kFloat).contiguous();
     TORCH_CHECK(ids.scalar_type() == at::kLong && ids.dim() == 2 && ids.size(0) == x.size(0) &&
                 weights.sizes() == ids.sizes(), "NativeMoe: ids / weights must be (T, k)");
-    berth::MoeExperts m = m_;
-    m.top_k = ids.size(1);
-    const int64_t T = x.size(0);
-    berth::MoeStep s(m, T);
+    berth::MoeStep s(m_, x.size(0), ids.size(1));
     s.set_routes(ids.data_ptr<int64_t>(), weights.data_ptr<float>());
     return berth::moe_parallel(s, x, false);
   }

@@ -48,7 +48,8 @@ struct MoeExperts {
 
 class MoeStep {
  public:
-  MoeStep(const MoeExperts& m, int64_t tokens);
+  // top_k: slots per token (0: the experts' own top_k, which route() uses)
+  MoeStep(const MoeExperts& m, int64_t tokens, int64_t top_k = 0);
   void route(const float* x, int64_t r0, int64_t r1);
   void set_routes(const int64_t* ids, const float* weights);
   void group();
@@ -66,7 +67,7 @@ class MoeStep {
               const std::vector<QuantizedRows>& q, std::vector<std::vector<float>>& y, int64_t b0, int64_t b1);
 
   const MoeExperts& m_;
-  int64_t tokens_;
+  int64_t tokens_, top_k_;
   std::vector<int64_t> ids_;                  // (T, k) expert per slot
   std::vector<float> weights_;                // (T, k)
   std::vector<int64_t> chosen_;               // expert ids with tokens, ascending

@@ -27,7 +27,8 @@ from server.engine.models.llama import GemmaRMSNorm, is_supported, layer_windows
 from server.engine.models.weights import build_model
 from tests.engine.test_gguf_models import make_folder
 from tests.engine.test_models import (PROMPT, assert_greedy_matches, chunks_then_decode, hf_logits, mixed_batch_logits,
-                                      native_and_pytorch_logits, new_caches, run_chunk, scattered_table)
+                                      native_and_pytorch_logits, new_caches, randomize_norms, run_chunk,
+                                      saved_folders, scattered_table)
 
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, rms_norm_eps=1e-6, initializer_range=0.1, sliding_window=4, max_position_embeddings=64,
@@ -53,22 +54,12 @@ def tiny_gemma(name: str):
     config = getattr(transformers, config_cls)(**copy.deepcopy({**BASE, **extra}))   # (configs edit their dicts)
     torch.manual_seed(0)
     hf_model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():   # random norms (transformers starts them at 0, i.e. x * 1) so that every weight matters
-        for pname, p in hf_model.named_parameters():
-            if "norm" in pname:
-                p.add_(torch.randn_like(p) * 0.1)
-    return hf_model
+    return randomize_norms(hf_model)   # transformers starts norms at fixed values
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    out = {}
-    for name in CONFIGS:
-        hf_model = tiny_gemma(name)
-        folder = tmp_path_factory.mktemp(name)
-        hf_model.save_pretrained(folder, safe_serialization=True)
-        out[name] = (hf_model, str(folder))
-    return out
+    return saved_folders(tmp_path_factory, tiny_gemma, CONFIGS)
 
 
 @pytest.fixture(params=CASES)

@@ -50,11 +50,7 @@ def checkpoint(request, tmp_path_factory):
     architectures = extra.pop("_architectures", None)
     config = getattr(transformers, config_cls)(**{**TINY, **extra})
     torch.manual_seed(0)
-    hf_model = getattr(transformers, model_cls)(config).eval()
-    with torch.no_grad():  # random norms and biases so that every weight matters
-        for name, p in hf_model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
+    hf_model = randomize_norms(getattr(transformers, model_cls)(config).eval(), biases=True)
     folder = tmp_path_factory.mktemp(request.param)
     hf_model.save_pretrained(folder, safe_serialization=True)
     if architectures:   # the class name the real checkpoints carry
@@ -62,6 +58,26 @@ def checkpoint(request, tmp_path_factory):
         config_json = json.loads((folder / "config.json").read_text())
         (folder / "config.json").write_text(json.dumps({**config_json, "architectures": architectures}))
     return hf_model, str(folder), build_model(str(folder), torch.float32, "cpu")
+
+
+def randomize_norms(hf_model, biases: bool = False):
+    """Norm weights (and biases) moved off transformers' initial values, so that every weight matters."""
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if "norm" in name or (biases and name.endswith("bias")):
+                p.add_(torch.randn_like(p) * 0.1)
+    return hf_model
+
+
+def saved_folders(tmp_path_factory, build, names) -> dict:
+    """name -> (hf_model, folder) for each name: build(name) saved as a safetensors checkpoint."""
+    out = {}
+    for name in names:
+        hf_model = build(name)
+        folder = tmp_path_factory.mktemp(name)
+        hf_model.save_pretrained(folder, safe_serialization=True)
+        out[name] = (hf_model, str(folder))
+    return out
 
 
 def hf_logits(hf_model, prompt):

@@ -22,7 +22,8 @@ from server.engine.models.llama import is_supported
 from server.engine.models.weights import build_model
 from tests.engine.test_gguf_models import hf_from_stored, make_folder, write_gguf
 from tests.engine.test_models import (PROMPT, assert_greedy_matches, chunks_then_decode, hf_logits, mixed_batch_logits,
-                                      native_and_pytorch_logits, new_caches, run_chunk, scattered_table)
+                                      native_and_pytorch_logits, new_caches, randomize_norms, run_chunk,
+                                      saved_folders, scattered_table)
 
 ORIGINAL = 16
 BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -56,22 +57,12 @@ def tiny_phi3(name: str):
     config = transformers.Phi3Config(**{**BASE, **CONFIGS[name]})
     torch.manual_seed(0)
     hf_model = transformers.Phi3ForCausalLM(config).eval()
-    with torch.no_grad():   # random norms so that every weight matters
-        for pname, p in hf_model.named_parameters():
-            if "norm" in pname:
-                p.add_(torch.randn_like(p) * 0.1)
-    return hf_model
+    return randomize_norms(hf_model)   # transformers starts norms at fixed values
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    out = {}
-    for name in CONFIGS:
-        hf_model = tiny_phi3(name)
-        folder = tmp_path_factory.mktemp(name)
-        hf_model.save_pretrained(folder, safe_serialization=True)
-        out[name] = (hf_model, str(folder))
-    return out
+    return saved_folders(tmp_path_factory, tiny_phi3, CONFIGS)
 
 
 @pytest.fixture(params=sorted(CASES))
