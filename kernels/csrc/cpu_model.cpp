@@ -528,7 +528,8 @@ class NativeModel {
   }
 
   // x (T, H) fp32 embeddings of the step's tokens; positions (T,) int64; cos_sin (P, D) fp32;
-  // kv_caches: [(k, v)] per layer; block_tables (S, max_blocks) int32, one row per sequence;
+  // kv_caches: [(k, v)] per layer; block_tables (S, max_blocks) int32, one row per sequence, or (L, S, max_blocks):
+  // one table per layer (KV groups: Gemma's local layers hold only their window's blocks);
   // token_rows (T,) int32: each token's row in block_tables. A token at position p is stored at
   // its slot and attends to keys 0..p of its sequence. quantized_max_rows as models/llama.py's
   // QUANTIZED_MAX_ROWS. Writes each layer's new K/V into the caches and returns the model's output:
@@ -539,8 +540,11 @@ class NativeModel {
                      py::list kv_caches, at::Tensor block_tables, at::Tensor token_rows, int64_t quantized_max_rows) {
     TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x must be (T, H) fp32");
     TORCH_CHECK(static_cast<size_t>(kv_caches.size()) == layers_.size(), "one (k, v) cache per layer");
-    TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 &&
-                token_rows.scalar_type() == at::kInt, "block_tables and token_rows must be int32");
+    TORCH_CHECK(block_tables.scalar_type() == at::kInt && token_rows.scalar_type() == at::kInt,
+                "block_tables and token_rows must be int32");
+    TORCH_CHECK(block_tables.dim() == 2 || (block_tables.dim() == 3 &&
+                static_cast<size_t>(block_tables.size(0)) == layers_.size()),
+                "block_tables must be (S, max_blocks) or (layers, S, max_blocks)");
     TORCH_CHECK(positions.scalar_type() == at::kLong && cos_sin.scalar_type() == at::kFloat &&
                 cos_sin.is_contiguous(), "positions int64, cos_sin contiguous fp32");
     TORCH_CHECK(cos_sin_local.sizes() == cos_sin.sizes() && cos_sin_local.scalar_type() == at::kFloat &&
@@ -559,26 +563,30 @@ class NativeModel {
                   kv.second.is_contiguous() && kv.first.size(2) == Hkv && kv.first.size(3) == D,
                   "KV caches must be contiguous fp32 (blocks, block_size, kv_heads, head_dim)");
     }
-    auto bt = block_tables.contiguous();
+    auto bt = block_tables.dim() == 2 ? block_tables.unsqueeze(0).contiguous() : block_tables.contiguous();
     auto rows = token_rows.contiguous();
     auto pos = positions.contiguous();
     const int32_t* bt_p = bt.data_ptr<int32_t>();
     const int32_t* row_p = rows.data_ptr<int32_t>();
     const int64_t* pos_p = pos.data_ptr<int64_t>();
-    const int64_t max_blocks = bt.size(1), num_blocks = caches.empty() ? 0 : caches[0].first.size(0);
+    const int64_t num_seqs = bt.size(1), max_blocks = bt.size(2), num_tables = bt.size(0);
+    const int64_t layer_stride = num_tables == 1 ? 0 : num_seqs * max_blocks;   // one table per layer, or one for all
+    const int64_t num_blocks = caches.empty() ? 0 : caches[0].first.size(0);
     const int64_t block_size = caches.empty() ? 1 : caches[0].first.size(1);
-    std::vector<int64_t> row_end(bt.size(0), 0);  // every index used below is in range
+    std::vector<int64_t> row_end(num_seqs, 0);  // every index used below is in range
     for (int64_t t = 0; t < tokens; ++t) {
-      TORCH_CHECK(row_p[t] >= 0 && row_p[t] < bt.size(0), "token_rows out of range");
+      TORCH_CHECK(row_p[t] >= 0 && row_p[t] < num_seqs, "token_rows out of range");
       TORCH_CHECK(cos_sin.size(1) == rotary_dim_, "cos_sin rows must be rotary_dim wide");
       TORCH_CHECK(pos_p[t] >= 0 && pos_p[t] < cos_sin.size(0) && pos_p[t] < max_blocks * block_size,
                   "position ", pos_p[t], " outside the block table or the RoPE cache");
       row_end[row_p[t]] = std::max(row_end[row_p[t]], pos_p[t] + 1);
     }
-    for (int64_t r = 0; r < bt.size(0); ++r) {
-      for (int64_t j = 0; j * block_size < row_end[r]; ++j) {
-        const int32_t block = bt_p[r * max_blocks + j];
-        TORCH_CHECK(block >= 0 && block < num_blocks, "block id ", block, " outside the KV cache");
+    for (int64_t l = 0; l < num_tables; ++l) {
+      for (int64_t r = 0; r < num_seqs; ++r) {
+        for (int64_t j = 0; j * block_size < row_end[r]; ++j) {
+          const int32_t block = bt_p[l * num_seqs * max_blocks + r * max_blocks + j];
+          TORCH_CHECK(block >= 0 && block < num_blocks, "block id ", block, " outside the KV cache");
+        }
       }
     }
     // Python objects are not touched below: let the server's event loop run while the step computes
@@ -591,7 +599,7 @@ class NativeModel {
 
     // the team runs our kernels; a batch large enough for the bf16 (AMX) products takes the per-op path
     const int64_t bf16_rows = berth::bf16_min_rows();
-    if (team_ && (bf16_rows <= 0 || tokens < bf16_rows)) return forward_team(x, pos_p, row_p, bt_p, max_blocks, block_size, cs_p, csl_p, caches);
+    if (team_ && (bf16_rows <= 0 || tokens < bf16_rows)) return forward_team(x, pos_p, row_p, bt_p, layer_stride, max_blocks, block_size, cs_p, csl_p, caches);
 
     at::Tensor residual = x.clone();
     at::Tensor normed = at::empty_like(x);
@@ -609,6 +617,7 @@ class NativeModel {
       const Layer& L = layers_[li];
       float* kc = caches[li].first.data_ptr<float>();
       float* vc = caches[li].second.data_ptr<float>();
+      const int32_t* lbt = bt_p + li * layer_stride;
 
       norm_rows(L.input_norm, res_p, nrm_p);
       at::Tensor qkv = L.qkv(normed, quantized_max_rows_).contiguous();  // (T, (Hq + 2Hkv) D)
@@ -617,11 +626,11 @@ class NativeModel {
         for (int64_t t = begin; t < end; ++t) {
           const int64_t p = pos_p[t];
           rope_and_store(L, qkv_p + t * qkv_width, (L.local_rope ? csl_p : cs_p) + p * rotary_dim_,
-                         bt_p[row_p[t] * max_blocks + p / block_size], p % block_size, block_size, kc, vc);
+                         lbt[row_p[t] * max_blocks + p / block_size], p % block_size, block_size, kc, vc);
         }
       });
 
-      paged_attention(L, qkv_p, qkv_width, kc, vc, bt_p, max_blocks, row_p, pos_p, block_size, tokens,
+      paged_attention(L, qkv_p, qkv_width, kc, vc, lbt, max_blocks, row_p, pos_p, block_size, tokens,
                       attn.data_ptr<float>());
 
       at::Tensor o = L.o(attn, quantized_max_rows_).contiguous();  // (T, H)
@@ -660,7 +669,7 @@ class NativeModel {
   // SiLU) is split across the team's threads and separated by spin barriers, so the threads are woken
   // once per step instead of ~5 times per layer.
   at::Tensor forward_team(const at::Tensor& x, const int64_t* pos_p, const int32_t* row_p, const int32_t* bt_p,
-                          int64_t max_blocks, int64_t block_size, const float* cs_p, const float* csl_p,
+                          int64_t layer_stride, int64_t max_blocks, int64_t block_size, const float* cs_p, const float* csl_p,
                           const std::vector<std::pair<at::Tensor, at::Tensor>>& caches) const {
     const int64_t T = x.size(0), H = x.size(1);
     const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, W = (Hq + 2 * Hkv) * D;
@@ -714,6 +723,7 @@ class NativeModel {
         const Layer& L = layers_[li];
         float* kc = caches[li].first.data_ptr<float>();
         float* vc = caches[li].second.data_ptr<float>();
+        const int32_t* lbt = bt_p + li * layer_stride;
         add_norm_quantize(L.input_norm, li > 0, li > 0 ? layers_[li - 1].ffn_out_norm : at::Tensor());
         barrier->wait();
         product(L.qkv, H, qkv.data());
@@ -726,12 +736,12 @@ class NativeModel {
           }
           const int64_t p = pos_p[t];
           rope_and_store(L, row, (L.local_rope ? csl_p : cs_p) + p * rotary_dim_,
-                         bt_p[row_p[t] * max_blocks + p / block_size], p % block_size, block_size, kc, vc);
+                         lbt[row_p[t] * max_blocks + p / block_size], p % block_size, block_size, kc, vc);
         }
         barrier->wait();
         int64_t u0, u1;
         std::tie(u0, u1) = share(attention_units(T), tid, n);
-        attention_range(L, u0, u1, qkv.data(), W, kc, vc, bt_p, max_blocks, row_p, pos_p, block_size, T,
+        attention_range(L, u0, u1, qkv.data(), W, kc, vc, lbt, max_blocks, row_p, pos_p, block_size, T,
                         attn.data());
         barrier->wait();
         quantize_range(attn.data(), r0 * Hq * D / kGroup, r1 * Hq * D / kGroup, qx);

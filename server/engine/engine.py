@@ -13,9 +13,10 @@ from kernels import native
 from protocol.errors import ProtocolError
 from protocol.types import Event, Failed, FinishReason, GenerateRequest
 from server.config import EngineConfig
-from server.engine.block_manager import BlockManager
+from server.engine.block_manager import BlockManager, blocks_to_hold
 from server.engine.constrained import GrammarBook
 from server.engine.model_runner import ModelRunner, kv_bytes_per_token
+from server.engine.models.arch import kv_groups
 from server.engine.output import ChoiceOutput, make_logprob
 from server.engine.sampler import Sampler, SamplingTensors
 from server.engine.scheduler import Scheduler, needs_sample
@@ -41,9 +42,10 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_model_len = max_model_len
         self.max_new_tokens = config.max_new_tokens
-        # a model whose every layer attends to a sliding window (Phi-3) releases the blocks that fall out of it
-        window = getattr(runner.model, "sliding_window", None)
-        self.block_manager = BlockManager(runner.num_blocks, runner.block_size, config.enable_prefix_caching, window)
+        # one block table per KV group: a group attending to a sliding window (Phi-3's every layer, Gemma's local
+        # layers) releases the blocks that fall out of it
+        self.block_manager = BlockManager(runner.num_blocks, runner.block_size, config.enable_prefix_caching,
+                                          windows=getattr(runner, "group_windows", None))
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    max_model_len)
         self.sampler = Sampler()
@@ -113,11 +115,13 @@ class Engine:
                             keep_stored_dtype=keep_stored)
         memory.return_freed_memory(steady=device.type == "cpu")
         block_size = kernels.block_size_for(device, config.block_size)
-        plan = memory.plan_memory(weight_bytes(model), kv_bytes_per_token(model.config, dtype), block_size,
-                                  activations, max_model_len, config.max_num_seqs, config.kv_cache_gib,
-                                  config.memory_utilization, available)
+        windows = [g.window for g in kv_groups(model.config, max_model_len)]
+        context_blocks = blocks_to_hold(windows, block_size, max_model_len, config.max_num_batched_tokens)
+        plan = memory.plan_memory(weight_bytes(model), kv_bytes_per_token(model.config, dtype, max_model_len),
+                                  block_size, activations, max_model_len, config.max_num_seqs, config.kv_cache_gib,
+                                  config.memory_utilization, available, context_blocks=context_blocks)
         log.info("%s", plan.summary())
-        runner = ModelRunner(model, device, dtype, block_size, plan.num_blocks)
+        runner = ModelRunner(model, device, dtype, block_size, plan.num_blocks, max_model_len)
         if config.cuda_graphs and device.type == "cuda":
             runner.capture_cuda_graphs(config.max_num_seqs, max_model_len)
         # build the C++ model step now (once per machine) rather than on the first request
@@ -176,7 +180,7 @@ class Engine:
         """A request that can never fit the KV pool is refused now, never queued forever."""
         if self.scheduler.can_ever_fit(num_prompt + max_tokens):
             return max_tokens
-        capacity = self.runner.num_blocks * self.runner.block_size
+        capacity = self.block_manager.capacity_tokens(self.scheduler.max_num_batched_tokens, num_prompt + max_tokens)
         if request.cap_max_tokens and self.scheduler.can_ever_fit(num_prompt + 1):
             while max_tokens > 1 and not self.scheduler.can_ever_fit(num_prompt + max_tokens):
                 max_tokens = max(1, min(max_tokens - 1, capacity - num_prompt))

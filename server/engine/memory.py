@@ -92,13 +92,15 @@ def activation_bytes(hidden: int, intermediate: int, vocab: int, heads: int, hea
 
 def plan_memory(weights: int, kv_per_token: int, block_size: int, activations: int, max_model_len: int,
                 max_num_seqs: int, kv_cache_gib: float | None, utilization: float,
-                available: int | None = None) -> MemoryPlan:
+                available: int | None = None, context_blocks: int | None = None) -> MemoryPlan:
     """available: memory free for this model now (after the weights were loaded, pass what was free before
-    loading). Raises MemoryPlanError when the weights + activations + one full context do not fit."""
+    loading). context_blocks: the blocks one max_model_len sequence holds (KV groups with windows hold fewer:
+    block_manager.blocks_to_hold), ceil(max_model_len / block_size) by default.
+    Raises MemoryPlanError when the weights + activations + one full context do not fit."""
     available = available_bytes() if available is None else available
     per_block = kv_per_token * block_size
     budget = int(utilization * available) - weights - activations
-    one_context = -(-max_model_len // block_size) * per_block
+    one_context = (context_blocks or -(-max_model_len // block_size)) * per_block
     if kv_cache_gib is not None:
         kv = int(kv_cache_gib * GIB)
         if kv > budget:

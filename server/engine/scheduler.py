@@ -72,8 +72,9 @@ class Scheduler:
 
     def can_ever_fit(self, num_tokens: int) -> bool:
         """Whether a sequence of num_tokens tokens (prompt + max_tokens) could ever run alone."""
+        bm = self.block_manager
         return (num_tokens <= self.max_model_len
-                and self.block_manager.num_blocks_for(num_tokens) <= self.block_manager.num_usable_blocks)
+                and bm.blocks_to_hold(num_tokens, self.max_num_batched_tokens) <= bm.num_usable_blocks)
 
     def add(self, seq: Sequence) -> None:
         assert seq.status is SequenceStatus.WAITING and not seq.block_table
@@ -117,8 +118,9 @@ class Scheduler:
             num_hit = len(bm.match_prefix(seq)) * bm.block_size
             num_new = min(seq.num_tokens - num_hit, budget)
             # NOTE: admission asks for blocks for the whole remaining prompt (not just this chunk) to
-            # be free now, so an admitted prefill rarely forces a preemption a few steps later.
-            if not bm.can_allocate(seq, seq.num_tokens):
+            # be free now, so an admitted prefill rarely forces a preemption a few steps later (a window
+            # group: the blocks it holds at once, as can_ever_fit counts them).
+            if not bm.can_allocate(seq, seq.num_tokens, self.max_num_batched_tokens):
                 break   # FCFS: nobody skips ahead of the head of the queue
             allocated = bm.allocate(seq, num_hit + num_new)
             assert allocated and seq.num_computed_tokens == num_hit
@@ -177,7 +179,7 @@ class Scheduler:
             assert seq.num_computed_tokens < seq.num_tokens <= self.max_model_len, f"seq {seq.seq_id} counts"
         for seq in self.waiting:
             assert seq.status is SequenceStatus.WAITING, f"seq {seq.seq_id} in waiting is {seq.status}"
-            assert not seq.block_table and seq.num_computed_tokens == 0, f"waiting seq {seq.seq_id} holds blocks"
+            assert not any(seq.block_tables) and seq.num_computed_tokens == 0, f"waiting seq {seq.seq_id} holds blocks"
         assert len(self.running) <= self.max_num_seqs, "too many running sequences"
         assert len({id(s) for s in (*self.running, *self.waiting)}) == len(self.running) + len(self.waiting), \
             "a sequence is queued twice"

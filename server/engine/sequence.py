@@ -3,7 +3,8 @@
 The Scheduler and the BlockManager mutate it; the Engine reads it. Invariants:
   0 <= num_computed_tokens < num_tokens   while RUNNING and not caught up (a step may catch it up;
                                           update() then appends the sampled token)
-  block_table covers at least num_computed_tokens tokens (len(block_table) * block_size)
+  block_table covers at least num_computed_tokens tokens (len(block_table) * block_size); every table of
+  block_tables (one per KV group, block_table is the first) has the same length
   WAITING sequences hold no blocks and have num_computed_tokens == 0
 """
 from __future__ import annotations
@@ -40,7 +41,13 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     num_preemptions: int = 0
-    block_table: list[int] = field(default_factory=list)
+    block_tables: list[list[int]] = field(default_factory=lambda: [[]])   # one per KV group (BlockManager)
+    block_hashes: list[bytes] = field(default_factory=list)   # prefix-cache hash of each full block of token_ids
+
+    @property
+    def block_table(self) -> list[int]:
+        """The first KV group's block table (the only one for most models)."""
+        return self.block_tables[0]
 
     @property
     def num_tokens(self) -> int:

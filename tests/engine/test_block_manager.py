@@ -194,9 +194,9 @@ def test_sliding_window_releases_the_blocks_no_query_can_see():
     assert bm.num_used_blocks == 2 and all(bm.blocks[b].ref_count == 0 for b in held[:3])
     bm.check_integrity([seq])
     assert bm.release_out_of_window(seq) == 0   # idempotent
-    # another sequence with the same prefix still hits the released (hashed) blocks
+    # another sequence with the same prefix hits the blocks its first query sees; the ones before are NULL_BLOCK
     other = make_seq(1, range(21))
-    assert bm.match_prefix(other)[:3] == held[:3]
+    assert bm.match_prefix(other) == [NULL_BLOCK] * 3 + held[3:5]
     # the released sequence keeps growing and registering blocks while its hash chain holds
     seq.token_ids += [21, 22, 23, 24]
     compute(bm, seq, 24)
@@ -217,3 +217,104 @@ def test_no_window_keeps_every_block():
     seq = make_seq(0, range(21))
     compute(bm, seq, 20)
     assert bm.release_out_of_window(seq) == 0 and bm.num_used_blocks == 5 and bm.num_free_blocks == 3
+
+
+def test_kv_groups_one_pool_one_table_each_and_only_the_window_groups_release():
+    """A full-attention group and a window-8 group (Gemma's global and local layers): one pool, a table per group
+    of the same length; after 20 tokens the local table keeps its last 2 blocks, the global one all 5."""
+    from server.engine.block_manager import NULL_BLOCK
+
+    bm = BlockManager(num_blocks=16, block_size=BS, windows=[None, 8])
+    assert bm.num_groups == 2 and bm.num_usable_blocks == 15
+    seq = make_seq(0, range(21))
+    compute(bm, seq, 20)
+    full, local = seq.block_tables
+    assert len(full) == len(local) == 5 and not set(full) & set(local) and bm.num_used_blocks == 10
+    bm.check_integrity([seq])
+    assert bm.release_out_of_window(seq) == 3
+    assert local[:3] == [NULL_BLOCK] * 3 and NULL_BLOCK not in full and bm.num_used_blocks == 7
+    bm.check_integrity([seq])
+    # decode: each new block costs one block per group, and the local group gives one back as it goes
+    for n in range(21, 29):
+        seq.token_ids.append(n)
+        compute(bm, seq, n)
+        bm.release_out_of_window(seq)
+        bm.check_integrity([seq])
+    assert len(full) == 7 and sum(b != NULL_BLOCK for b in local) == 2 and bm.num_used_blocks == 9
+    bm.free(seq)
+    assert seq.block_tables == [[], []] and bm.num_used_blocks == 0
+    bm.check_integrity([])
+
+
+def test_kv_groups_prefix_hit_needs_every_full_block_and_the_window_blocks_of_the_hit():
+    """Prefix hits per group: the global group must have the whole prefix, the local group only the blocks the
+    first recomputed query sees. When a local block it needs was evicted, the hit shrinks to where it holds."""
+    from server.engine.block_manager import NULL_BLOCK
+
+    bm = BlockManager(num_blocks=16, block_size=BS, windows=[None, 6])
+    first = make_seq(0, range(25))
+    compute(bm, first, 24)
+    full, local = (list(t) for t in first.block_tables)
+    assert bm.release_out_of_window(first) == 4
+    bm.free(first)
+    other = make_seq(1, list(range(25)) + [99])
+    hit_full, hit_local = bm.match_groups(other)
+    # 6 blocks hit; the query at 24 sees keys 19..24: blocks 4-5 of the local table, blocks 0-3 NULL
+    assert hit_full == full[:6] and hit_local == [NULL_BLOCK] * 4 + local[4:6]
+    # evict local block 5 (what the hit at 6 blocks needs): the hit falls back to 5 blocks, whose query (20)
+    # sees keys 15..20: local blocks 3-4; block 3 was released early but keeps its hash, so it is still there
+    bm.free_queue.move_to_end(local[5], last=False)   # next in line for eviction
+    filler = make_seq(9, [5, 5])
+    assert bm.allocate(filler, 2) and filler.block_table == [local[5]] and bm.blocks[local[5]].hash is None
+    hit_full, hit_local = bm.match_groups(other)
+    assert hit_full == full[:5] and hit_local == [NULL_BLOCK] * 3 + local[3:5]
+    assert bm.allocate(other, 26) and other.num_computed_tokens == 20
+    assert other.block_tables[0][:5] == full[:5] and other.block_tables[1][3:5] == local[3:5]
+    bm.check_integrity([other, filler])
+
+
+def test_window_group_capacity_counts_only_the_window():
+    """blocks_to_hold: a window group holds at most the blocks a chunk's queries see; a long sequence of a
+    windowed model fits a pool far smaller than its full context, and the scheduler admits it."""
+    from server.engine.block_manager import blocks_to_hold
+    from server.engine.scheduler import Scheduler
+
+    assert blocks_to_hold([None], 4, 100, 8) == 25
+    assert blocks_to_hold([6], 4, 100, 8) == 5               # ceil((6 - 1 + 8) / 4) + 1
+    assert blocks_to_hold([None, 6, 6], 4, 100, 8) == 35
+    assert blocks_to_hold([6], 4, 8, 8) == 2                 # never more than the sequence itself
+    bm = BlockManager(num_blocks=8, block_size=BS, window=6)
+    sched = Scheduler(bm, max_num_seqs=2, max_num_batched_tokens=8, max_model_len=200)
+    assert sched.can_ever_fit(100) and not Scheduler(BlockManager(8, BS), 2, 8, 200).can_ever_fit(100)
+    assert bm.capacity_tokens(8, 200) == 200
+    seq = make_seq(0, range(60))
+    sched.add(seq)
+    for _ in range(60):   # chunked prefill then decode: never more than 5 blocks held, never stuck
+        out = sched.schedule()
+        assert out.scheduled and not out.preempted
+        sched.update(out, {seq.seq_id: 7})
+        sched.check_integrity()
+        assert bm.num_used_blocks <= 5
+        if seq.num_tokens >= 100:
+            break
+    assert seq.num_tokens >= 70
+
+
+def test_fork_shares_no_window_block_the_parent_released():
+    """The parent is further along than the child's first query: with window 5 and blocks of 4, a parent at 24
+    computed tokens has released blocks 0-4; a child sharing k blocks would start at 4k and need block k - 1,
+    released for every k <= 5: it shares none and recomputes its prompt (before the fix it shared 5 blocks and
+    attended to NULL_BLOCK)."""
+    from server.engine.block_manager import NULL_BLOCK
+
+    bm = BlockManager(num_blocks=16, block_size=BS, windows=[None, 5])
+    parent = make_seq(0, range(26))
+    compute(bm, parent, 24)
+    bm.release_out_of_window(parent)
+    assert parent.block_tables[1][:5] == [NULL_BLOCK] * 5
+    child = make_seq(1, list(range(21)) + [77])   # 22 tokens: up to 5 full blocks in common
+    bm.fork(parent, child)
+    needed = max(0, child.num_computed_tokens - 5 + 1) // BS
+    assert all(b != NULL_BLOCK for b in child.block_tables[1][needed:])
+    assert child.num_computed_tokens == 0 and child.block_tables == [[], []]
+    bm.check_integrity([parent, child])

@@ -2,7 +2,7 @@
 (tiny random configs, fp32).
 
 Configs (sliding_window 4, so the 13-token prompt outgrows it; norms randomised around transformers' zero init):
-- gemma2: two layers (local, global: Gemma 2's alternation), attention logit soft-capping 2.0 and final logit
+- gemma2: four layers (local, global, local, global: Gemma 2's alternation; two KV groups of two slots), attention logit soft-capping 2.0 and final logit
   soft-capping 1.5 (small enough that both change the logits: test_soft_capping_changes_the_logits),
   query_pre_attn_scalar 24 (not head_dim), tied embeddings.
 - gemma3: six layers (five local, one global: Gemma 3's default pattern, the one llama.cpp assumes for a GGUF),
@@ -37,7 +37,7 @@ GEMMA3_ROPE = {"full_attention": {"rope_type": "linear", "factor": 2.0, "rope_th
                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}
 CONFIGS = {
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM",
-               dict(num_hidden_layers=2, attn_logit_softcapping=2.0, final_logit_softcapping=1.5,
+               dict(num_hidden_layers=4, attn_logit_softcapping=2.0, final_logit_softcapping=1.5,
                     query_pre_attn_scalar=24)),
     "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM",
                dict(num_hidden_layers=6, query_pre_attn_scalar=16, rope_parameters=GEMMA3_ROPE,
@@ -72,10 +72,10 @@ def test_configs_are_supported_with_their_layers(case):
     name, hf_model, model = case
     assert is_supported(hf_model.config)
     assert model.native_capable
-    assert layer_windows(hf_model.config) == ([4, None] if name == "gemma2" else [4] * 5 + [None])
+    assert layer_windows(hf_model.config) == ([4, None] * 2 if name == "gemma2" else [4] * 5 + [None])
     attn = [layer.self_attn for layer in model.model.layers]
     assert [a.sliding_window for a in attn] == layer_windows(hf_model.config)
-    assert [a.softcap for a in attn] == ([2.0, 2.0] if name == "gemma2" else [None] * 6)
+    assert [a.softcap for a in attn] == ([2.0] * 4 if name == "gemma2" else [None] * 6)
     assert attn[0].scale == (24 ** -0.5 if name == "gemma2" else 16 ** -0.5)
     assert attn[0].has_qk_norm == (name == "gemma3")
     assert (model.model.rotary_emb_local is not None) == (name == "gemma3")
@@ -337,3 +337,86 @@ def test_engine_serves_gemma_on_the_paged_engine(folders, tmp_path, caplog):
     for rid, ids in prompts.items():
         expected = hf_model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert got[rid] == expected[0, len(ids):].tolist(), rid
+
+
+def test_kv_groups_split_local_and_global_layers():
+    """arch.kv_groups: one group where every layer attends alike; Gemma's local and global layers in groups of one
+    size (vLLM's rule), full attention first, and a window of at least max_model_len counted as none."""
+    from server.engine.models.arch import kv_groups
+
+    def gemma(model_type, layers, **extra):
+        cls = transformers.Gemma2Config if model_type == "gemma2" else transformers.Gemma3TextConfig
+        return cls(**{**BASE, "num_hidden_layers": layers, **extra})
+
+    gemma2 = kv_groups(gemma("gemma2", 26))   # alternating: 13 and 13
+    assert [g.window for g in gemma2] == [None, 4] and [len(g.layers) for g in gemma2] == [13, 13]
+    assert gemma2[0].layers == tuple(range(1, 26, 2)) and gemma2[1].layers == tuple(range(0, 26, 2))
+    gemma3 = kv_groups(gemma("gemma3_text", 26))   # five local to one global: 22 and 4, groups of 4
+    assert [g.window for g in gemma3] == [None] + [4] * 6
+    assert [len(g.layers) for g in gemma3] == [4, 4, 4, 4, 4, 4, 2] and gemma3[0].layers == (5, 11, 17, 23)
+    assert sorted(i for g in gemma3 for i in g.layers) == list(range(26))
+    assert [g.window for g in kv_groups(gemma("gemma3_text", 26), max_model_len=4)] == [None]
+    llama = transformers.LlamaConfig(num_hidden_layers=3, hidden_size=64, num_attention_heads=4)
+    assert kv_groups(llama) == [kv_groups(llama)[0]] and kv_groups(llama)[0].layers == (0, 1, 2)
+    phi3 = transformers.Phi3Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, sliding_window=5)
+    assert [(g.layers, g.window) for g in kv_groups(phi3)] == [((0, 1), 5)]
+
+
+@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("native_step", [True, False])
+def test_engine_local_layers_keep_only_their_window_and_match_transformers(folders, tmp_path, default_model, name,
+                                                                          native_step):
+    """The whole engine with Gemma's KV groups (window 4, blocks of 2, chunked prefill, three sequences, then the
+    same prompts again over the prefix cache): the local layers' tables give back the blocks no later query sees,
+    the KV pool has one slot set per group size rather than a tensor per layer, and every sequence gets
+    transformers' greedy tokens, on the C++ step and on the PyTorch path."""
+    import shutil
+
+    from protocol.types import GenerateRequest, SamplingParams
+    from server.config import EngineConfig
+    from server.engine.block_manager import NULL_BLOCK
+    from server.engine.engine import Engine
+    from tests.engine.test_engine_oracle import run_all
+
+    hf_model, folder = folders[name]
+    shutil.copytree(folder, tmp_path / "m")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):   # ids < 128 only are used
+        shutil.copy(f"{default_model}/{f}", tmp_path / "m" / f)
+    config = EngineConfig(kv_cache_gib=0.01, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=8, block_size=2)
+    engine = Engine.from_folder(str(tmp_path / "m"), config, torch.device("cpu"), torch.float32)
+    engine.runner.model.native_step = native_step
+    layers = hf_model.config.num_hidden_layers
+    windows = engine.block_manager.windows
+    assert windows[0] is None and set(windows[1:]) == {4} and len(windows) == (2 if name == "gemma2" else 6)
+    # slot tensors: gemma2 two groups of two layers, gemma3 one global and five local groups of one layer
+    assert len({id(k) for k, _ in engine.runner.kv_caches}) == (2 if name == "gemma2" else 1) < layers
+    prompts = [PROMPT, PROMPT[:9] + [77, 5, 61, 2, 9, 40], PROMPT[3:]]
+    released = 0
+
+    def step_and_count():
+        nonlocal released
+        out = []
+        while engine.has_unfinished():
+            out += engine.step()
+            engine.scheduler.check_integrity()
+            for seq in engine.scheduler.running:
+                for window, table in zip(windows, seq.block_tables):
+                    assert (NULL_BLOCK in table) <= bool(window)   # the global table keeps every block
+                released = max(released, sum(t.count(NULL_BLOCK) for s in engine.scheduler.running
+                                             for t in s.block_tables[1:]))
+        return out
+
+    hf_model.generation_config.eos_token_id = None
+    for wave in range(2):   # the second wave hits the prefix cache: global blocks, and local ones in the window
+        requests = [GenerateRequest(f"r{wave}{i}", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),
+                                    prompt_token_ids=ids) for i, ids in enumerate(prompts)]
+        for r in requests:
+            engine.add(r)
+        tokens = {r.request_id: [] for r in requests}
+        for rid, ev in step_and_count():
+            tokens[rid] += getattr(ev, "token_ids", [])
+        for i, ids in enumerate(prompts):
+            expected = hf_model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=0)
+            assert tokens[f"r{wave}{i}"] == expected[0, len(ids):].tolist(), (wave, i)
+    assert released >= 6
+    assert engine.block_manager.prefix_hit_stats.num_hit_tokens > 0

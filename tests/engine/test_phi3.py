@@ -218,7 +218,7 @@ def test_engine_releases_blocks_out_of_the_window_and_matches_transformers(folde
         shutil.copy(f"{default_model}/{f}", tmp_path / "m" / f)
     config = EngineConfig(kv_cache_gib=0.01, max_model_len=64, max_num_seqs=4, max_num_batched_tokens=8, block_size=2)
     engine = Engine.from_folder(str(tmp_path / "m"), config, torch.device("cpu"), torch.float32)
-    assert engine.block_manager.window == 5
+    assert engine.block_manager.windows == [5]
     prompts = [PROMPT, LONG_PROMPT[:17], PROMPT[2:]]
     for i, ids in enumerate(prompts):
         engine.add(GenerateRequest(f"r{i}", SamplingParams(temperature=0, max_tokens=6, ignore_eos=True),

@@ -232,7 +232,15 @@ def test_native_step_checks_its_inputs(checkpoint, extension):  # noqa: F811
         step.forward(x, pos, cos_sin, cos_sin[:1], caches, table, rows, 16)
     with pytest.raises(RuntimeError, match="KV caches"):
         step.forward(x, pos, cos_sin, cos_sin, [(k.double(), v.double()) for k, v in caches], table, rows, 16)
+    layers = len(caches)
+    with pytest.raises(RuntimeError, match="layers, S, max_blocks"):   # one table per layer, but too few of them
+        step.forward(x, pos, cos_sin, cos_sin, caches, table.expand(layers + 1, 1, 1).contiguous(), rows, 16)
+    bad_last = torch.zeros(layers, 1, 1, dtype=torch.int32)
+    bad_last[-1] = len(caches[0][0])   # only the last layer's table points outside the cache
+    with pytest.raises(RuntimeError, match="outside the KV cache"):
+        step.forward(x, pos, cos_sin, cos_sin, caches, bad_last, rows, 16)
     assert step.forward(x, pos, cos_sin, cos_sin, caches, table, rows, 16).shape == x.shape
+    assert step.forward(x, pos, cos_sin, cos_sin, caches, table.expand(layers, 1, 1).contiguous(), rows, 16).shape == x.shape
 
 
 def test_disabled_by_environment(monkeypatch):

@@ -3,6 +3,7 @@ width, per-layer sliding windows, Gemma's layer types). Config reading only: the
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM",
                            "Qwen3ForCausalLM", "Phi3ForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM",
@@ -147,6 +148,38 @@ def kv_layout(config) -> tuple[int, int, bool]:
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     return kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads, False
+
+
+@dataclass(frozen=True, slots=True)
+class KVGroup:
+    """Layers whose KV caches share one block table: `layers` in slot order (a group may have fewer layers than
+    there are slots), each attending to the last `window` keys (None: the whole context)."""
+    layers: tuple[int, ...]
+    window: int | None
+
+
+def kv_groups(config, max_model_len: int | None = None) -> list[KVGroup]:
+    """The model's layers in KV groups (vLLM's hybrid allocator): every group has its own block table per
+    sequence, all draw their blocks from one pool, and slot i's tensors serve layer i of every group, so a block
+    id costs one slot set (len of the largest group) of layers whatever group holds it. A model whose layers all
+    attend alike has one group (windowed for Phi-3). Gemma's local and global layers form separate groups of one
+    size, so a sequence's local groups hold only their window's blocks (BlockManager.release_out_of_window) while
+    its global groups hold every block: the size is the larger layer count when it is under 1.5x the smaller,
+    else the smaller (the last group of a kind padded), as vLLM chooses. Full-attention groups come first. A
+    window of at least max_model_len is no window here (its layers are grouped with the global ones)."""
+    windows = [None if (w and max_model_len and w >= max_model_len) else w for w in layer_windows(config)]
+    by_window: dict[int | None, list[int]] = {}
+    for layer, window in enumerate(windows):
+        by_window.setdefault(window, []).append(layer)
+    if len(by_window) == 1:
+        return [KVGroup(tuple(range(len(windows))), windows[0] if windows else None)]
+    counts = [len(layers) for layers in by_window.values()]
+    size = max(counts) if max(counts) < 1.5 * min(counts) else min(counts)
+    groups = []
+    for window in sorted(by_window, key=lambda w: (w is not None, w or 0)):
+        layers = by_window[window]
+        groups += [KVGroup(tuple(layers[i:i + size]), window) for i in range(0, len(layers), size)]
+    return groups
 
 
 def head_dim_of(config) -> int:

@@ -29,8 +29,8 @@ to one global), Gemma 3's q/k norms on each head before RoPE and its two RoPE ta
 rope_local_base_freq, unscaled; global layers: rope_theta and their rope scaling, e.g. linear). The C++ step
 computes all of it but the embedding scale and the final soft-capping, which stay here (_native_layer passes the
 (1 + w) norm weights, the output norms, each layer's window, soft-cap, scale and RoPE table, and GELU-tanh).
-NOTE: a local layer attends to its window only, but its KV cache keeps every block of the sequence (the same
-block table serves the global layers): only a model whose every layer is windowed (Phi-3) releases blocks.
+Gemma's local and global layers are separate KV groups (arch.kv_groups): forward() then gets one
+AttentionMetadata per layer, the local layers' block tables holding only their window's blocks.
 """
 from __future__ import annotations
 
@@ -378,7 +378,8 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """forward(input_ids (T,), positions (T,), kv_caches [(k_cache, v_cache)] per layer, meta)
     -> hidden (T, hidden_size); compute_logits(hidden (B, hidden)) -> (B, vocab) float32.
-    The KV caches are written in place (each layer stores its new K/V at meta.slot_mapping)."""
+    meta: one AttentionMetadata for every layer, or a list of one per layer (KV groups: ModelRunner).
+    The KV caches are written in place (each layer stores its new K/V at its meta.slot_mapping)."""
     packed_modules_mapping = {
         "q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
@@ -419,29 +420,32 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def forward(self, input_ids: Tensor, positions: Tensor, kv_caches: list[tuple[Tensor, Tensor]],
-                meta: AttentionMetadata) -> Tensor:
+                meta: AttentionMetadata | list[AttentionMetadata]) -> Tensor:
+        metas = meta if isinstance(meta, list) else [meta] * len(kv_caches)
         embed = getattr(self, "embed_lookup", None)  # GGUF: rows dequantised from the file's own type
         x = embed(input_ids) if embed is not None else F.embedding(input_ids, self.model.embed_tokens.weight)
         if getattr(self, "embed_scale", None) is not None:   # Gemma: sqrt(hidden) rounded to the embedding's dtype
             x = x * torch.tensor(self.embed_scale).to(x.dtype)
         if x.dtype != self.model.norm.weight.dtype:   # bf16 weights as stored, fp32 compute
             x = x.to(self.model.norm.weight.dtype)
-        native_model = self._native_model(x, kv_caches, meta)
+        native_model = self._native_model(x, kv_caches, metas[0])
         if native_model is not None:
             local = getattr(self.model, "rotary_emb_local", None)   # Gemma 3's local layers
             cos_sin = self.model.rotary_emb.cos_sin_cache
+            # one block table for every layer (S, W), or one per layer (L, S, W)
+            tables = meta.block_tables if not isinstance(meta, list) else torch.stack([m.block_tables for m in metas])
             return native_model.forward(x, positions, cos_sin, cos_sin if local is None else local.cos_sin_cache,
                                         kv_caches,  # final norm included
-                                        meta.block_tables, meta.token_rows, QUANTIZED_MAX_ROWS)  # (T, hidden)
+                                        tables, metas[0].token_rows, QUANTIZED_MAX_ROWS)  # (T, hidden)
         cos, sin = self.model.rotary_emb.lookup(positions)  # (T, 1, D/2), shared by every layer
         local = getattr(self.model, "rotary_emb_local", None)
         cos_sin_local = local.lookup(positions) if local is not None else (cos, sin)   # Gemma 3's local layers
         residual = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+        for layer, kv_cache, layer_meta in zip(self.model.layers, kv_caches, metas, strict=True):
             if local is not None and layer.self_attn.layer_type == "sliding_attention":
-                x, residual = layer(x, residual, *cos_sin_local, kv_cache, meta)
+                x, residual = layer(x, residual, *cos_sin_local, kv_cache, layer_meta)
             else:
-                x, residual = layer(x, residual, cos, sin, kv_cache, meta)
+                x, residual = layer(x, residual, cos, sin, kv_cache, layer_meta)
         x, _ = self.model.norm.add_forward(x, residual)
         return x
 
