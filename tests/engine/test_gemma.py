@@ -356,6 +356,10 @@ def test_kv_groups_split_local_and_global_layers():
     assert [len(g.layers) for g in gemma3] == [4, 4, 4, 4, 4, 4, 2] and gemma3[0].layers == (5, 11, 17, 23)
     assert sorted(i for g in gemma3 for i in g.layers) == list(range(26))
     assert [g.window for g in kv_groups(gemma("gemma3_text", 26), max_model_len=4)] == [None]
+    # the pool pays for one slot set per block: 4 layers' K and V rows per token for that Gemma 3, not 26
+    from server.engine.model_runner import kv_bytes_per_token
+    assert kv_bytes_per_token(gemma("gemma3_text", 26), torch.float32) == 2 * 4 * 2 * 16 * 4
+    assert kv_bytes_per_token(gemma("gemma3_text", 26), torch.float32, max_model_len=4) == 2 * 26 * 2 * 16 * 4
     llama = transformers.LlamaConfig(num_hidden_layers=3, hidden_size=64, num_attention_heads=4)
     assert kv_groups(llama) == [kv_groups(llama)[0]] and kv_groups(llama)[0].layers == (0, 1, 2)
     phi3 = transformers.Phi3Config(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, sliding_window=5)

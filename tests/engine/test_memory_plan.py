@@ -75,3 +75,13 @@ def test_serve_prints_its_memory_plan_and_serves_the_default_gguf_natively(defau
     assert "memory plan: weights" in text and "KV pool" in text and "activations" in text, text
     assert "GGUF types" in text and "native step" in text, text       # the Q4_1 file itself, on the C++ step
     assert "'SmolLM2-135M-Instruct'" in text
+
+
+def test_context_blocks_size_the_default_pool():
+    """A model whose windowed KV groups hold fewer blocks per context (block_manager.blocks_to_hold) gets a
+    default pool of max_num_seqs such contexts, not of full ones."""
+    full = plan_memory(weights=GIB, kv_per_token=KV_PER_TOKEN, block_size=16, activations=0, max_model_len=2048,
+                       max_num_seqs=2, kv_cache_gib=None, utilization=0.9, available=64 * GIB)
+    windowed = plan_memory(weights=GIB, kv_per_token=KV_PER_TOKEN, block_size=16, activations=0, max_model_len=2048,
+                           max_num_seqs=2, kv_cache_gib=None, utilization=0.9, available=64 * GIB, context_blocks=40)
+    assert full.num_blocks == 2 * 128 and windowed.num_blocks == 2 * 40
