@@ -10,6 +10,8 @@ interleaved per head, names blk.N.*), in F32 and in quant types:
 import json
 import math
 import os
+import subprocess
+import sys
 
 import gguf
 import numpy as np
@@ -199,6 +201,33 @@ def test_quantized_gguf_matches_its_dequantised_weights(hf_case, tmp_path, qtype
     logits = run_chunk(model, new_caches(model), PROMPT, 0, [5, 2, 9, 0])
     span = float(ref.max() - ref.min())
     assert float((logits - ref).abs().max()) <= 0.03 * span
+
+
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_1", "Q5_0"])
+def test_tied_embedding_rows_come_from_the_output_layer_when_it_holds_them_exactly(tmp_path, qtype):
+    config = transformers.LlamaConfig(**{**TINY, "tie_word_embeddings": True})
+    torch.manual_seed(0)
+    path = tmp_path / "m.gguf"
+    stored = write_gguf(path, transformers.LlamaForCausalLM(config).eval(), "llama", qtype)
+    model, _ = build_gguf_model(make_folder(tmp_path, path), torch.device("cpu"))
+    embed = model.embed_lookup
+    # Q5_0's output layer is re-quantised to int8: the rows stay in the file
+    assert (embed.head is model.lm_head_linear.native) == (qtype != "Q5_0")
+    ids = torch.tensor([3, 0, 127, 64, 3])
+    torch.testing.assert_close(embed(ids), torch.from_numpy(stored["token_embd.weight"])[ids], rtol=0, atol=0)
+
+
+def test_loading_imports_no_compiler_stack(tmp_path):
+    # torch._dynamo (with triton, inductor, sympy) costs a CPU server ~90 MB resident: building the model on the
+    # meta device must not run meta arithmetic (weights.WeightsOnMeta)
+    torch.manual_seed(0)
+    path = tmp_path / "m.gguf"
+    write_gguf(path, transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).eval(), "llama", "Q8_0")
+    folder = make_folder(tmp_path, path)
+    code = ("import sys, torch; from server.engine.models.gguf_loader import build_gguf_model; "
+            f"build_gguf_model({folder!r}, torch.device('cpu')); print('torch._dynamo' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_unsupported_architecture_and_type_are_named(tmp_path):

@@ -6,17 +6,33 @@ import os
 
 import torch
 from safetensors import safe_open
+from torch.overrides import TorchFunctionMode
 from transformers import AutoConfig
 
 from server.engine.models.llama import LlamaForCausalLM, is_supported
 
 SKIPPED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+# constructors whose tensors are weights (empty until loaded): on the meta device while a model is built
+WEIGHT_CONSTRUCTORS = (torch.empty, torch.empty_strided, torch.zeros, torch.ones, torch.full, torch.rand, torch.randn)
+
+
+class WeightsOnMeta(TorchFunctionMode):
+    """`torch.device("meta")` for the weights alone: the constructors above, given no device, make meta tensors;
+    tensors computed from values (arange, tensor: the RoPE tables) stay on the CPU, as does their arithmetic.
+    NOTE: arithmetic on meta tensors runs torch's Python decompositions (torch 2.13), whose first call imports
+    torch._dynamo, and with it triton, inductor and sympy: ~90 MB resident for the life of a CPU server."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in WEIGHT_CONSTRUCTORS and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
 
 
 def build_model(folder: str, dtype: torch.dtype, device, max_positions: int | None = None,
                 quantization: str = "none", keep_stored_dtype: bool = False) -> LlamaForCausalLM:
-    """Config (AutoConfig, local folder only) -> model on the meta device -> each parameter materialised
-    as its tensors are read (safetensors, memory-mapped), in `dtype` or, with keep_stored_dtype, the
+    """Config (AutoConfig, local folder only) -> model with its weights on the meta device (WeightsOnMeta) -> each
+    parameter materialised as its tensors are read (safetensors, memory-mapped), in `dtype` or, with keep_stored_dtype, the
     linear, embedding and output weights in the checkpoint's own dtype (bf16 stays bf16; norms and biases
     in `dtype`). quantization int8/int4: each linear layer is quantized (its float weight dropped) as soon
     as all its shards are read, so the peak during load stays near the final size. Raises ValueError for
@@ -29,7 +45,7 @@ def build_model(folder: str, dtype: torch.dtype, device, max_positions: int | No
     if not is_supported(config):
         raise ValueError(f"unsupported model: architectures={getattr(config, 'architectures', None)} "
                          f"model_type={config.model_type}")
-    with torch.device("meta"):
+    with WeightsOnMeta():
         model = LlamaForCausalLM(config, max_positions)
     model.model.rebuild_rotary(dtype, device)
     load_weights(model, folder, dtype, device, quantization, keep_stored_dtype)
