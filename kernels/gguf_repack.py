@@ -204,6 +204,24 @@ def q4_to_float(w: NativeQ4) -> Tensor:
     return (codes * scale + low_v).reshape(blocks * 8, groups * 32)[:w.out_features]
 
 
+def q4_rows(w: NativeQ4, ids: Tensor) -> Tensor:
+    """(T, K) float32 of rows `ids` of a NativeQ4 (a tied model's embedding read from its output layer)."""
+    blocks, groups = w.q4_packed.shape[:2]
+    b, i = ids // 8, ids % 8
+    p = w.q4_packed.view(blocks, groups, 4, 8, 4)[b, :, :, i]                        # (T, g, v, e)
+    codes = torch.cat([(p & 0x0F).flatten(2), (p >> 4).flatten(2)], dim=-1).float()   # (T, g, 32)
+    sm = w.q4_scale_min[b, :, :, i].float()                                           # (T, g, 2)
+    return (codes * sm[..., 0:1] + sm[..., 1:2]).flatten(1)
+
+
+def q8_rows(w: Q8Weight, ids: Tensor) -> Tensor:
+    """(T, K) float32 of rows `ids` of a Q8Weight."""
+    blocks, groups = w.qweight.shape[:2]
+    b, i = ids // 8, ids % 8
+    codes = w.qweight.view(blocks, groups, 8, 8, 4)[b, :, :, i].flatten(2).float()   # (T, g, 32)
+    return (codes * w.scales[b, :, i].float()[..., None]).flatten(1)
+
+
 def q8_to_float(w: Q8Weight) -> Tensor:
     """(N, K) float32 of a Q8Weight (inverse of its layout)."""
     blocks, groups = w.qweight.shape[:2]

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kernels import native
-from kernels.gguf_repack import GGML_TYPE_IDS, dequantize, q4_to_float, q8_to_float, repack
+from kernels.gguf_repack import GGML_TYPE_IDS, dequantize, q4_rows, q4_to_float, q8_rows, q8_to_float, repack
 
 BLOCK = {"Q4_0": (32, 18, [0]), "Q4_1": (32, 20, [0, 2]), "Q8_0": (32, 34, [0]), "Q5_0": (32, 22, [0]),
          "Q5_1": (32, 24, [0, 2]), "Q4_K": (256, 144, [0, 2]), "Q5_K": (256, 176, [0, 2]),
@@ -74,6 +74,16 @@ def test_native_repack_equals_the_numpy_reference(kind):
     # the embedding lookup's row dequantisation: ggml's formulas, float32
     rows = native.load().gguf_dequantize(torch.from_numpy(raw), GGML_TYPE_IDS[kind], k)
     torch.testing.assert_close(rows, ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0"])
+def test_rows_looked_up_in_a_layout_equal_the_file_rows(kind):
+    # a tied model's embedding rows come from its output layer's layout: exact for these types
+    raw = random_blocks(kind, 40, 256, seed=3)
+    w = repack(raw, kind, 256, use_native=False)
+    ids = torch.tensor([0, 39, 7, 8, 21, 7])
+    got = (q4_rows if kind != "Q8_0" else q8_rows)(w, ids)
+    torch.testing.assert_close(got, torch.from_numpy(dequantize(raw, kind, 256))[ids], rtol=0, atol=0)
 
 
 def test_q4_with_rows_not_a_multiple_of_8_goes_to_int8():

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from kernels.gguf_repack import FLOAT_TYPES, NATIVE_TYPES, NativeQ4, dequantize, dequantize_rows, repack, target_of
+from kernels.gguf_repack import (FLOAT_TYPES, NATIVE_TYPES, NativeQ4, dequantize, dequantize_rows, q4_rows, q8_rows,
+                                 repack, target_of)
 from kernels.quant import NATIVE_MAX_K, Q8Weight
 
 log = logging.getLogger("berth.engine")
@@ -271,11 +272,16 @@ def _tokenizer_of(gguf: Path):
 # ---- tensors -> model ---------------------------------------------------------------------------
 
 class GgufEmbedding:
-    """Token embedding rows looked up in the file's own type: only the rows a step needs are dequantised."""
+    """Token embedding rows looked up in the file's own type: only the rows a step needs are dequantised.
+    With `head` (a tied model whose output layer holds the same values exactly: Q8_0, Q4_0, Q4_1) the rows come
+    from the output layer's native layout instead of the file: random token ids fault in nearly every page of
+    the mapped table (the kernel maps 64 KiB around each fault), a second resident copy of it."""
 
-    def __init__(self, raw: np.ndarray, ggml_type: str, hidden: int):
-        self.ggml_type, self.hidden = ggml_type, hidden
-        if ggml_type in FLOAT_TYPES:
+    def __init__(self, raw: np.ndarray, ggml_type: str, hidden: int, head: NativeQ4 | Q8Weight | None = None):
+        self.ggml_type, self.hidden, self.head = ggml_type, hidden, head
+        if head is not None:
+            self.table = head.q4_packed if isinstance(head, NativeQ4) else head.qweight   # (counted once)
+        elif ggml_type in FLOAT_TYPES:
             self.table = _float_tensor(raw, ggml_type, hidden)
         else:
             # (V, row bytes) uint8 viewing the memory-mapped file: only looked-up rows are ever read in
@@ -283,9 +289,15 @@ class GgufEmbedding:
         self.nbytes = self.table.nbytes
 
     def __call__(self, ids: Tensor) -> Tensor:
+        if self.head is not None:
+            rows = q4_rows if isinstance(self.head, NativeQ4) else q8_rows
+            return rows(self.head, ids.cpu()).to(ids.device)
         if self.ggml_type in FLOAT_TYPES:
             return torch.nn.functional.embedding(ids.cpu(), self.table).float().to(ids.device)
         return dequantize_rows(self.table[ids.cpu()].numpy(), self.ggml_type, self.hidden).to(ids.device)
+
+
+EXACT_LAYOUTS = ("Q8_0", "Q4_0", "Q4_1")   # GGUF types whose native layout holds the file's values exactly
 
 
 def _float_tensor(raw: np.ndarray, ggml_type: str, k: int) -> Tensor:
@@ -408,18 +420,23 @@ class GgufIndex:
     def release(self, name: str, row0: int = 0, row1: int | None = None) -> None:
         """Drop the file pages of a tensor (rows [row0, row1)) already converted from this process's memory
         (they count in its RSS while mapped; the page cache keeps them for the next start)."""
-        import mmap
-
         kind, dims, offset, rows, row_bytes = self.tensors[name]
         row1 = rows if row1 is None else row1
+        self._drop(offset + row0 * row_bytes, offset + row1 * row_bytes)
+
+    def release_all(self) -> None:
+        """Drop every page of the file read so far (header, norms, ...): views re-read what they need."""
+        self._drop(0, len(self.mm))
+
+    def _drop(self, begin: int, end: int) -> None:
+        import mmap
+
         raw = getattr(self.mm, "_mmap", None)
         if raw is None or not hasattr(raw, "madvise"):
             return
-        page = mmap.PAGESIZE
-        start = (offset + row0 * row_bytes) // page * page
-        length = offset + row1 * row_bytes - start
+        start = begin // mmap.PAGESIZE * mmap.PAGESIZE
         try:
-            raw.madvise(mmap.MADV_DONTNEED, start, length)
+            raw.madvise(mmap.MADV_DONTNEED, start, end - start)
         except (OSError, ValueError):
             pass
 
@@ -604,6 +621,7 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
     from server.engine.models.llama import Linear, LlamaForCausalLM, is_supported
     from server.engine.models.mla import MLAttention
     from server.engine.models.moe import SparseMoe
+    from server.engine.models.weights import WeightsOnMeta
 
     device = torch.device(device)
     path = gguf_of(folder)
@@ -614,7 +632,7 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
     arch = config.model_type
     gemma = arch in ("gemma2", "gemma3_text")
     dense_dtype = None if device.type == "cpu" else torch.bfloat16
-    with torch.device("meta"):
+    with WeightsOnMeta():
         model = LlamaForCausalLM(config, max_positions)
     total = 0
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -665,13 +683,14 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
     model.model.norm.weight = nn.Parameter(tensors.vector("output_norm.weight"), requires_grad=False)
     embd = tensors.get("token_embd.weight")
     raw, kind, hidden = tensors.rows(embd)
-    model.embed_lookup = GgufEmbedding(raw, kind, hidden)
-    total += model.embed_lookup.nbytes
-    model.model.embed_tokens.weight = nn.Parameter(torch.empty(0), requires_grad=False)
     head = Linear(hidden, [config.vocab_size])
     head_name = tensors.get("output.weight", required=False) or embd
     total += _set_linear(head, [tensors.rows(head_name)], dense_dtype, tensors, (head_name,))
     model.lm_head_linear = head
+    shared = head.native if head_name == embd and kind in EXACT_LAYOUTS and head.native is not None else None
+    model.embed_lookup = GgufEmbedding(raw, kind, hidden, shared)
+    total += 0 if shared is not None else model.embed_lookup.nbytes
+    model.model.embed_tokens.weight = nn.Parameter(torch.empty(0), requires_grad=False)
     model.lm_head.weight = model.model.embed_tokens.weight
     freqs = tensors.get("rope_freqs.weight", required=False)
     if freqs is not None:
@@ -686,6 +705,7 @@ def build_gguf_model(folder: str | Path, device: torch.device, max_positions: in
     left = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if left:
         raise GgufError(f"GGUF left {len(left)} parameters unloaded: {left[:4]}")
+    tensors.release_all()
     model.gguf_index = tensors   # the file stays mapped for the embedding rows; converted tensors were released
     model = model.to(device)
     return model.eval(), total
