@@ -26,7 +26,7 @@ log = logging.getLogger("berth.kernels")
 SOURCES = [Path(__file__).parent / "csrc" / name for name in (
     "cpu_model.cpp", "gguf_repack.cpp", "quant_rows.cpp", "dispatch.cpp", "q4_scalar.cpp", "q4_avx2.cpp",
     "q4_avx512vnni.cpp", "q8_scalar.cpp", "q8_avx2.cpp", "q8_avx512vnni.cpp", "dequant_bf16.cpp",
-    "token_mask.cpp", "moe.cpp")]
+    "token_mask.cpp", "moe.cpp", "mla.cpp")]
 _UNTRIED = object()
 _module = _UNTRIED
 

@@ -36,8 +36,10 @@
 #define BERTH_AVX2 1
 #endif
 
+#include "mla.h"
 #include "moe.h"
 #include "quant.h"
+#include "rows.h"
 
 namespace {
 
@@ -47,6 +49,8 @@ using berth::kMaxGroups;
 using berth::QuantizedRows;
 using berth::quantize_range;
 using berth::quantize_rows;
+using berth::rms_norm_row;
+using berth::rope_row;
 
 // the block kernels this CPU runs (quant.h, dispatch.cpp)
 inline void q4_blocks(const uint8_t* packed, const at::Half* scale_min, const QuantizedRows& qx, int64_t k,
@@ -273,24 +277,11 @@ struct Layer {
   float scale = 0.f;                  // softmax scale
   bool local_rope = false;
   bool gelu = false;
+  // DeepSeek's latent attention (mla.h) in place of q|k|v: qkv then holds q_proj or q_b_proj, q_a the query
+  // LoRA's first product (unset without it), kv_a kv_a_proj_with_mqa; runs in the team step only
+  std::shared_ptr<berth::Mla> mla;
+  Linear q_a, kv_a;
 };
-
-// out[r] = x[r] * rsqrt(mean(x[r]^2) + eps) * w, rows of length n (same formula as HF LlamaRMSNorm)
-inline void rms_norm_row(const float* x, const float* w, float* out, int64_t n, float eps) {
-  float sum = 0.f;
-  for (int64_t i = 0; i < n; ++i) sum += x[i] * x[i];
-  const float inv = 1.f / std::sqrt(sum / static_cast<float>(n) + eps);
-  for (int64_t i = 0; i < n; ++i) out[i] = x[i] * inv * w[i];
-}
-
-// Rotate-half RoPE in place on one head: x1 = x[:D/2], x2 = x[D/2:]
-inline void rope_row(float* x, const float* cos, const float* sin, int64_t half) {
-  for (int64_t i = 0; i < half; ++i) {
-    const float x1 = x[i], x2 = x[i + half];
-    x[i] = x1 * cos[i] - x2 * sin[i];
-    x[i + half] = x2 * cos[i] + x1 * sin[i];
-  }
-}
 
 // ---- attention helpers: one query head against `len` cached keys at `offsets` --------------------
 #ifdef BERTH_AVX2
@@ -470,9 +461,10 @@ class NativeModel {
     TORCH_CHECK(rotary_dim > 0 && rotary_dim <= head_dim && rotary_dim % 2 == 0 && window >= 0,
                 "rotary_dim must be even and at most head_dim; window >= 0");
     for (auto item : layers) {
-      // (input_norm, post_norm, q_norm, k_norm, qkv, o, gate_up, down[, moe[, gemma]]); moe = (experts, router,
-      // top_k, normalize) with gate_up and down None: a softmax top-k mixture of experts (moe.h); gemma =
-      // (attn_out_norm, ffn_out_norm, window, softcap, scale, local_rope, gelu)
+      // (input_norm, post_norm, q_norm, k_norm, qkv, o, gate_up, down[, moe[, gemma[, mla]]]); moe = (experts,
+      // router, top_k, normalize[, routing]) with gate_up and down None: a mixture of experts (moe.h); gemma =
+      // (attn_out_norm, ffn_out_norm, window, softcap, scale, local_rope, gelu); mla = (q_a | None, kv_a,
+      // make_mla's tuple): latent attention, qkv the query product
       py::tuple t = item.cast<py::tuple>();
       Layer layer;
       layer.input_norm = t[0].cast<at::Tensor>();
@@ -490,7 +482,8 @@ class NativeModel {
       if (t.size() > 8 && !t[8].is_none()) {
         py::tuple moe = t[8].cast<py::tuple>();
         layer.moe = std::make_shared<berth::MoeExperts>(moe[0].cast<py::list>(), moe[1], moe[2].cast<int64_t>(),
-                                                        moe[3].cast<bool>());
+                                                        moe[3].cast<bool>(),
+                                                        moe.size() > 4 ? py::object(moe[4]) : py::object(py::none()));
         TORCH_CHECK(layer.moe->router.defined(), "a native MoE layer needs its router");
       } else {
         layer.gate_up = make_linear(t[6].cast<py::tuple>());
@@ -511,6 +504,14 @@ class NativeModel {
           TORCH_CHECK(w->scalar_type() == at::kFloat && w->is_contiguous(), "norm weights must be contiguous fp32");
         }
       }
+      if (t.size() > 10 && !t[10].is_none()) {
+        py::tuple m = t[10].cast<py::tuple>();
+        if (!m[0].is_none()) layer.q_a = make_linear(m[0].cast<py::tuple>());
+        layer.kv_a = make_linear(m[1].cast<py::tuple>());
+        layer.mla = std::make_shared<berth::Mla>(berth::make_mla(m[2].cast<py::tuple>()));
+        TORCH_CHECK((layer.mla->q_lora > 0) == !m[0].is_none(), "MLA: a q_a product exactly when the query has a LoRA");
+        has_mla_ = true;
+      }
       layers_.push_back(std::move(layer));
     }
     TORCH_CHECK(final_norm_.scalar_type() == at::kFloat && final_norm_.is_contiguous(), "norm weights must be contiguous fp32");
@@ -518,8 +519,11 @@ class NativeModel {
     // OpenMP team (forward_team) instead of one parallel region per op
     team_ = !layers_.empty();
     for (const Layer& L : layers_) {
-      for (const Linear* lin : {&L.qkv, &L.o, &L.gate_up, &L.down}) {
+      for (const Linear* lin : {&L.qkv, &L.o, &L.gate_up, &L.down, &L.q_a, &L.kv_a}) {
         if (L.moe && (lin == &L.gate_up || lin == &L.down)) continue;   // experts: native by construction
+        if (lin == &L.kv_a && !L.mla) continue;
+        if (lin == &L.q_a && !(L.mla && L.mla->q_lora)) continue;
+        if (L.mla && lin->bias.defined()) team_ = false;
         // q8 only without padding rows: the team writes straight into rows of width N
         const bool native = lin->native_q4() || (lin->native_q8() && lin->native_rows() == lin->group);
         team_ = team_ && native && (lin == &L.qkv || !lin->bias.defined());
@@ -557,10 +561,13 @@ class NativeModel {
       caches.emplace_back(kv[0].cast<at::Tensor>(), kv[1].cast<at::Tensor>());
     }
     const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_;
-    for (const auto& kv : caches) {
+    for (size_t li = 0; li < caches.size(); ++li) {
+      const auto& kv = caches[li];
+      const berth::Mla* mla = layers_[li].mla.get();   // one latent row per token, keys and values alike
       TORCH_CHECK(kv.first.scalar_type() == at::kFloat && kv.first.is_contiguous() && kv.first.dim() == 4 &&
                   kv.second.sizes() == kv.first.sizes() && kv.second.scalar_type() == at::kFloat &&
-                  kv.second.is_contiguous() && kv.first.size(2) == Hkv && kv.first.size(3) == D,
+                  kv.second.is_contiguous() && kv.first.size(2) == (mla ? 1 : Hkv) &&
+                  kv.first.size(3) == (mla ? mla->row() : D) && kv.first.sizes() == caches[0].first.sizes(),
                   "KV caches must be contiguous fp32 (blocks, block_size, kv_heads, head_dim)");
     }
     auto bt = block_tables.dim() == 2 ? block_tables.unsqueeze(0).contiguous() : block_tables.contiguous();
@@ -599,7 +606,8 @@ class NativeModel {
 
     // the team runs our kernels; a batch large enough for the bf16 (AMX) products takes the per-op path
     const int64_t bf16_rows = berth::bf16_min_rows();
-    if (team_ && (bf16_rows <= 0 || tokens < bf16_rows)) return forward_team(x, pos_p, row_p, bt_p, layer_stride, max_blocks, block_size, cs_p, csl_p, caches);
+    TORCH_CHECK(team_ || !has_mla_, "latent attention runs only when every product is a native int4/int8 kernel");
+    if (team_ && (has_mla_ || bf16_rows <= 0 || tokens < bf16_rows)) return forward_team(x, pos_p, row_p, bt_p, layer_stride, max_blocks, block_size, cs_p, csl_p, caches);
 
     at::Tensor residual = x.clone();
     at::Tensor normed = at::empty_like(x);
@@ -675,7 +683,20 @@ class NativeModel {
     const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, W = (Hq + 2 * Hkv) * D;
     int64_t inter = 0;   // the dense layers' MLP width (mixture-of-experts layers keep their own buffers)
     for (const Layer& L : layers_) if (!L.moe) inter = std::max(inter, L.gate_up.native_rows() / 2);
-    const int64_t max_k = std::max({H, Hq * D, inter});
+    int64_t max_k = std::max({H, Hq * D, inter});
+    // latent attention (mla.h): q_a outputs, kv_a rows, queries, absorbed queries, latent outputs, value heads
+    const berth::Mla* mla = nullptr;
+    for (const Layer& L : layers_) if (L.mla) mla = L.mla.get();
+    std::vector<float> m_qa, m_kva, m_q, m_qf, m_lat, m_heads;
+    if (mla) {
+      max_k = std::max({max_k, mla->q_lora, mla->heads * mla->v});
+      m_qa.resize(T * mla->q_lora);
+      m_kva.resize(T * mla->row());
+      m_q.resize(T * mla->q_width());
+      m_qf.resize(T * Hq * mla->row());
+      m_lat.resize(T * Hq * mla->rank);
+      m_heads.resize(T * Hq * mla->v);
+    }
     at::Tensor residual = x.clone(), out = at::empty_like(x);
     std::vector<float> normed(T * H), qkv(T * W), attn(T * Hq * D), gu(T * 2 * inter), act(T * inter), y(T * H);
     QuantizedRows qx{std::vector<int8_t>(T * max_k), std::vector<float>(T * max_k / kGroup),
@@ -726,28 +747,68 @@ class NativeModel {
         const int32_t* lbt = bt_p + li * layer_stride;
         add_norm_quantize(L.input_norm, li > 0, li > 0 ? layers_[li - 1].ffn_out_norm : at::Tensor());
         barrier->wait();
-        product(L.qkv, H, qkv.data());
-        barrier->wait();
-        for (int64_t t = r0; t < r1; ++t) {
-          float* row = qkv.data() + t * W;
-          if (L.qkv.bias.defined()) {
-            const float* bias = L.qkv.bias.data_ptr<float>();
-            for (int64_t i = 0; i < W; ++i) row[i] += bias[i];
+        if (L.mla) {   // q (through the LoRA), the latent rows stored, absorbed queries, attention, value heads, o
+          const berth::Mla& M = *L.mla;
+          const int64_t qw = M.q_width(), row = M.row(), hd = M.nope + M.rope;
+          if (M.q_lora) product(L.q_a, H, m_qa.data());
+          product(L.kv_a, H, m_kva.data());
+          barrier->wait();
+          for (int64_t t = r0; t < r1; ++t) {
+            const int64_t p = pos_p[t];
+            const int64_t slot = static_cast<int64_t>(lbt[row_p[t] * max_blocks + p / block_size]) * block_size +
+                                 p % block_size;
+            berth::mla_store(M, m_kva.data() + t * row, cs_p + p * rotary_dim_, kc + slot * row);
+            if (M.q_lora) rms_norm_row(m_qa.data() + t * M.q_lora, M.q_a_norm.data_ptr<float>(),
+                                       m_qa.data() + t * M.q_lora, M.q_lora, M.eps);
           }
-          const int64_t p = pos_p[t];
-          rope_and_store(L, row, (L.local_rope ? csl_p : cs_p) + p * rotary_dim_,
-                         lbt[row_p[t] * max_blocks + p / block_size], p % block_size, block_size, kc, vc);
+          if (M.q_lora) {
+            quantize_range(m_qa.data(), r0 * M.q_lora / kGroup, r1 * M.q_lora / kGroup, qx);
+            barrier->wait();
+          }
+          product(L.qkv, M.q_lora ? M.q_lora : H, m_q.data());
+          barrier->wait();
+          int64_t h0, h1;
+          std::tie(h0, h1) = share(T * Hq, tid, n);
+          for (int64_t i = h0; i < h1; ++i) {
+            const int64_t t = i / Hq, h = i % Hq;
+            berth::mla_query(M, h, m_q.data() + t * qw + h * hd, cs_p + pos_p[t] * rotary_dim_, m_qf.data() + i * row);
+          }
+          barrier->wait();
+          int64_t u0, u1;
+          std::tie(u0, u1) = share(attention_units(T), tid, n);
+          attention_range(L, u0, u1, m_qf.data(), Hq * row, kc, kc, lbt, max_blocks, row_p, pos_p, block_size, T,
+                          m_lat.data());
+          barrier->wait();
+          for (int64_t i = h0; i < h1; ++i) berth::mla_value(M, i % Hq, m_lat.data() + i * M.rank, m_heads.data() + i * M.v);
+          barrier->wait();
+          quantize_range(m_heads.data(), r0 * Hq * M.v / kGroup, r1 * Hq * M.v / kGroup, qx);
+          barrier->wait();
+          product(L.o, Hq * M.v, y.data());
+          barrier->wait();
+        } else {
+          product(L.qkv, H, qkv.data());
+          barrier->wait();
+          for (int64_t t = r0; t < r1; ++t) {
+            float* row = qkv.data() + t * W;
+            if (L.qkv.bias.defined()) {
+              const float* bias = L.qkv.bias.data_ptr<float>();
+              for (int64_t i = 0; i < W; ++i) row[i] += bias[i];
+            }
+            const int64_t p = pos_p[t];
+            rope_and_store(L, row, (L.local_rope ? csl_p : cs_p) + p * rotary_dim_,
+                           lbt[row_p[t] * max_blocks + p / block_size], p % block_size, block_size, kc, vc);
+          }
+          barrier->wait();
+          int64_t u0, u1;
+          std::tie(u0, u1) = share(attention_units(T), tid, n);
+          attention_range(L, u0, u1, qkv.data(), W, kc, vc, lbt, max_blocks, row_p, pos_p, block_size, T,
+                          attn.data());
+          barrier->wait();
+          quantize_range(attn.data(), r0 * Hq * D / kGroup, r1 * Hq * D / kGroup, qx);
+          barrier->wait();
+          product(L.o, Hq * D, y.data());
+          barrier->wait();
         }
-        barrier->wait();
-        int64_t u0, u1;
-        std::tie(u0, u1) = share(attention_units(T), tid, n);
-        attention_range(L, u0, u1, qkv.data(), W, kc, vc, lbt, max_blocks, row_p, pos_p, block_size, T,
-                        attn.data());
-        barrier->wait();
-        quantize_range(attn.data(), r0 * Hq * D / kGroup, r1 * Hq * D / kGroup, qx);
-        barrier->wait();
-        product(L.o, Hq * D, y.data());
-        barrier->wait();
         add_norm_quantize(L.post_norm, true, L.attn_out_norm);
         barrier->wait();
         if (L.moe) {   // route, group (thread 0), gather, gate|up, activate, down, combine: moe.h's phases
@@ -832,11 +893,14 @@ class NativeModel {
   }
 
   // with the layer's softmax scale, window (keys p - window + 1 .. p) and score soft-capping
+  // MLA layers: one KV head of the latent rows (keys: whole rows, values: their first rank values), each query
+  // head rank + rope wide at its (token, head) place in qkv
   void attention_range(const Layer& L, int64_t begin, int64_t end, const float* qkv, int64_t qkv_width,
                        const float* kc, const float* vc, const int32_t* bt, int64_t max_blocks, const int32_t* rows,
                        const int64_t* pos, int64_t block_size, int64_t tokens, float* out) const {
-    const float scale = L.scale;
-    const int64_t D = head_dim_, Hq = num_heads_, Hkv = num_kv_heads_, group = Hq / Hkv;
+    const float scale = L.mla ? L.mla->scale : L.scale;
+    const int64_t D = L.mla ? L.mla->row() : head_dim_, Dv = L.mla ? L.mla->rank : head_dim_;
+    const int64_t Hq = num_heads_, Hkv = L.mla ? 1 : num_kv_heads_, group = Hq / Hkv;
     const int64_t items = tokens * Hq;
     const bool pairs = items >= 64;
     std::vector<float> scores;
@@ -862,7 +926,7 @@ class NativeModel {
         for (int64_t j = 0; j < n; ++j) scores[j] = std::tanh(scores[j] / L.softcap) * L.softcap;
       }
       softmax(scores.data(), n);
-      weighted_values(scores.data(), vc, off.data() + first, n, D, out + (t * Hq + head) * D);
+      weighted_values(scores.data(), vc, off.data() + first, n, Dv, out + (t * Hq + head) * Dv);
     };
     for (int64_t k = begin; k < end; ++k) {
       attend(k, 0);
@@ -877,6 +941,7 @@ class NativeModel {
   int64_t rotary_dim_, window_;
   int64_t quantized_max_rows_ = 0;
   bool team_ = false;  // every product our int4 or int8 kernel (see forward_team)
+  bool has_mla_ = false;  // a latent-attention layer: team step only
 };
 
 }  // namespace

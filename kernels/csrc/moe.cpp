@@ -64,7 +64,8 @@ Product make_product(pybind11::tuple t) {
   return p;
 }
 
-MoeExperts::MoeExperts(pybind11::list experts, pybind11::object router_obj, int64_t k, bool norm)
+MoeExperts::MoeExperts(pybind11::list experts, pybind11::object router_obj, int64_t k, bool norm,
+                       pybind11::object routing)
     : top_k(k), normalize(norm) {
   for (auto item : experts) {
     pybind11::tuple pair = item.cast<pybind11::tuple>();
@@ -72,31 +73,64 @@ MoeExperts::MoeExperts(pybind11::list experts, pybind11::object router_obj, int6
     down.push_back(make_product(pair[1].cast<pybind11::tuple>()));
   }
   TORCH_CHECK(!gate_up.empty(), "MoE: no experts");
+  routed = num_experts();
   hidden = gate_up[0].k();
   inter = gate_up[0].n / 2;
   for (size_t e = 0; e < gate_up.size(); ++e) {
     TORCH_CHECK(gate_up[e].k() == hidden && gate_up[e].n == 2 * inter && down[e].k() == inter &&
                 down[e].n == hidden, "MoE: experts of different shapes");
   }
+  if (!routing.is_none()) {
+    pybind11::tuple r = routing.cast<pybind11::tuple>();
+    const int64_t s = r[0].cast<int64_t>();
+    TORCH_CHECK(s >= 0 && s <= 2, "MoE: unknown scoring");
+    scoring = static_cast<Scoring>(s);
+    n_group = r[1].cast<int64_t>();
+    topk_group = r[2].cast<int64_t>();
+    scale = static_cast<float>(r[3].cast<double>());
+    if (!r[4].is_none()) score_bias = r[4].cast<at::Tensor>();
+    if (!r[5].is_none()) {
+      pybind11::tuple pair = r[5].cast<pybind11::tuple>();
+      gate_up.push_back(make_product(pair[0].cast<pybind11::tuple>()));
+      down.push_back(make_product(pair[1].cast<pybind11::tuple>()));
+      const Product &gu = gate_up.back(), &dn = down.back();
+      TORCH_CHECK(gu.k() == hidden && gu.n % 2 == 0 && dn.k() == gu.n / 2 && dn.n == hidden,
+                  "MoE: the shared expert's shapes do not match");
+    }
+    if (!r[6].is_none()) shared_gate = r[6].cast<at::Tensor>();
+    TORCH_CHECK(n_group > 0 && routed % n_group == 0 && topk_group > 0 && topk_group <= n_group,
+                "MoE: expert groups do not divide the experts");
+    TORCH_CHECK(!score_bias.defined() || (score_bias.scalar_type() == at::kFloat && score_bias.is_contiguous() &&
+                score_bias.numel() == routed), "MoE: score bias must be (E,) fp32");
+    TORCH_CHECK(!shared_gate.defined() || (has_shared() && shared_gate.scalar_type() == at::kFloat &&
+                shared_gate.is_contiguous() && shared_gate.numel() == hidden), "MoE: shared gate must be (hidden,) fp32");
+  }
   if (!router_obj.is_none()) {
     router = router_obj.cast<at::Tensor>();
     TORCH_CHECK(router.scalar_type() == at::kFloat && router.is_contiguous() && router.dim() == 2 &&
-                router.size(0) == num_experts() && router.size(1) == hidden, "MoE: router must be (E, hidden) fp32");
+                router.size(0) == routed && router.size(1) == hidden, "MoE: router must be (E, hidden) fp32");
   }
-  TORCH_CHECK(top_k > 0 && top_k <= num_experts(), "MoE: top_k out of range");
+  TORCH_CHECK(top_k > 0 && top_k <= (scoring == Scoring::kSoftmax ? routed : routed / n_group * topk_group),
+              "MoE: top_k out of range");
 }
 
 MoeStep::MoeStep(const MoeExperts& m, int64_t tokens, int64_t top_k)
-    : m_(m), tokens_(tokens), top_k_(top_k ? top_k : m.top_k), ids_(tokens * top_k_), weights_(tokens * top_k_),
+    : m_(m), tokens_(tokens), top_k_(top_k ? top_k : m.slots()), ids_(tokens * top_k_), weights_(tokens * top_k_),
       slots_(tokens) {}
 
-// softmax over the experts, the top k (ties: the lower id first), renormalised when asked, as
-// transformers' Mixtral / Qwen-MoE routers compute them
+// Per token, as transformers' routers compute it (server/engine/models/moe.py Router): softmax over the experts
+// (DeepSeek V2's group_limited_greedy: only the topk_group groups whose best expert scores highest, the others 0),
+// or DeepSeek V3's sigmoid scores chosen on score + bias within the topk_group groups whose two best sum highest;
+// the top k (ties: the lower id first), renormalised when asked, times the routed scaling factor; then the shared
+// expert's slot, weighing 1 or sigmoid(x . shared_gate).
 void MoeStep::route(const float* x, int64_t r0, int64_t r1) {
-  const int64_t E = m_.num_experts(), H = m_.hidden, k = top_k_;
+  const int64_t E = m_.routed, H = m_.hidden, k = m_.top_k, slots = top_k_;
+  const int64_t G = m_.n_group, per_group = E / G;
+  const bool sigmoid = m_.scoring == Scoring::kSigmoidGroup, grouped = m_.scoring != Scoring::kSoftmax;
   const float* w = m_.router.data_ptr<float>();
-  std::vector<float> p(E);
-  std::vector<int64_t> order(E);
+  const float* bias = m_.score_bias.defined() ? m_.score_bias.data_ptr<float>() : nullptr;
+  std::vector<float> p(E), choice(E), group_score(G);
+  std::vector<int64_t> order(E), groups(G);
   for (int64_t t = r0; t < r1; ++t) {
     const float* row = x + t * H;
     float mx = -INFINITY;
@@ -105,17 +139,56 @@ void MoeStep::route(const float* x, int64_t r0, int64_t r1) {
       p[e] = s;
       mx = std::max(mx, s);
     }
-    float sum = 0.f;
-    for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(p[e] - mx));
-    for (int64_t e = 0; e < E; ++e) p[e] /= sum;
+    if (sigmoid) {
+      for (int64_t e = 0; e < E; ++e) {
+        p[e] = 1.f / (1.f + std::exp(-p[e]));
+        choice[e] = p[e] + (bias ? bias[e] : 0.f);
+      }
+    } else {
+      float sum = 0.f;
+      for (int64_t e = 0; e < E; ++e) sum += (p[e] = std::exp(p[e] - mx));
+      for (int64_t e = 0; e < E; ++e) choice[e] = (p[e] /= sum);
+    }
+    if (grouped && m_.topk_group < G) {
+      for (int64_t g = 0; g < G; ++g) {
+        const float* c = choice.data() + g * per_group;
+        if (sigmoid) {   // the sum of the group's two best
+          float best = -INFINITY, second = -INFINITY;
+          for (int64_t i = 0; i < per_group; ++i) {
+            if (c[i] > best) { second = best; best = c[i]; } else if (c[i] > second) { second = c[i]; }
+          }
+          group_score[g] = per_group > 1 ? best + second : best;
+        } else {
+          group_score[g] = *std::max_element(c, c + per_group);
+        }
+      }
+      std::iota(groups.begin(), groups.end(), 0);
+      std::partial_sort(groups.begin(), groups.begin() + m_.topk_group, groups.end(), [&](int64_t a, int64_t b) {
+        return group_score[a] > group_score[b] || (group_score[a] == group_score[b] && a < b);
+      });
+      std::vector<char> keep(G, 0);
+      for (int64_t i = 0; i < m_.topk_group; ++i) keep[groups[i]] = 1;
+      for (int64_t e = 0; e < E; ++e) {
+        if (!keep[e / per_group]) choice[e] = sigmoid ? -INFINITY : 0.f;
+      }
+    }
     std::iota(order.begin(), order.end(), 0);
-    std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                      [&](int64_t a, int64_t b) { return p[a] > p[b] || (p[a] == p[b] && a < b); });
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
+      return choice[a] > choice[b] || (choice[a] == choice[b] && a < b);
+    });
+    // the weights: the chosen experts' scores (V3: without the bias; V2: the group-masked softmax, equal)
     float kept = 0.f;
-    for (int64_t s = 0; s < k; ++s) kept += p[order[s]];
+    for (int64_t s = 0; s < k; ++s) kept += sigmoid ? p[order[s]] : choice[order[s]];
+    const float denom = sigmoid ? kept + 1e-20f : kept;
     for (int64_t s = 0; s < k; ++s) {
-      ids_[t * k + s] = order[s];
-      weights_[t * k + s] = m_.normalize ? p[order[s]] / kept : p[order[s]];
+      const float v = sigmoid ? p[order[s]] : choice[order[s]];
+      ids_[t * slots + s] = order[s];
+      weights_[t * slots + s] = (m_.normalize ? v / denom : v) * m_.scale;
+    }
+    if (slots > k) {   // the shared expert
+      ids_[t * slots + k] = E;
+      weights_[t * slots + k] = m_.shared_gate.defined()
+          ? 1.f / (1.f + std::exp(-dot(row, m_.shared_gate.data_ptr<float>(), H))) : 1.f;
     }
   }
 }
@@ -195,10 +268,9 @@ void MoeStep::gate_up(int64_t b0, int64_t b1) { blocks(m_.gate_up, gu_first_, qx
 void MoeStep::down(int64_t b0, int64_t b1) { blocks(m_.down, dn_first_, qh_, dn_, b0, b1); }
 
 void MoeStep::activate(int64_t c0, int64_t c1) {
-  const int64_t I = m_.inter;
   std::vector<float> h;
   for (int64_t c = c0; c < c1; ++c) {
-    const int64_t rows = rows_[c].size(), ld = m_.gate_up[chosen_[c]].width();
+    const int64_t rows = rows_[c].size(), ld = m_.gate_up[chosen_[c]].width(), I = m_.gate_up[chosen_[c]].n / 2;
     h.resize(rows * I);
     for (int64_t r = 0; r < rows; ++r) {
       const float* g = gu_[c].data() + r * ld;
@@ -243,6 +315,8 @@ namespace {
 class NativeMoe {
  public:
   explicit NativeMoe(pybind11::list experts) : m_(experts, pybind11::none(), 1, false) {}
+  NativeMoe(pybind11::list experts, pybind11::object router, int64_t top_k, bool normalize, pybind11::object routing)
+      : m_(experts, router, top_k, normalize, routing) {}
 
   // x (T, H) fp32, ids (T, k) int64, weights (T, k) fp32 -> (T, H)
   at::Tensor forward(const at::Tensor& x_in, const at::Tensor& ids_in, const at::Tensor& weights_in) const {
@@ -256,6 +330,16 @@ class NativeMoe {
     return berth::moe_parallel(s, x, false);
   }
 
+  // x (T, H) fp32 -> (T, H): routed here (route(): the router given at construction), shared expert included
+  at::Tensor forward_routed(const at::Tensor& x_in) const {
+    TORCH_CHECK(m_.router.defined(), "NativeMoe: built without a router");
+    TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kFloat && x_in.size(1) == m_.hidden,
+                "NativeMoe: x must be (T, hidden) fp32");
+    const at::Tensor x = x_in.contiguous();
+    berth::MoeStep s(m_, x.size(0));
+    return berth::moe_parallel(s, x, true);
+  }
+
   int64_t num_experts() const { return m_.num_experts(); }
 
  private:
@@ -267,6 +351,10 @@ class NativeMoe {
 void register_moe(pybind11::module& m) {
   pybind11::class_<NativeMoe>(m, "NativeMoe")
       .def(pybind11::init<pybind11::list>(), "[(gate_up, down)] per expert, each (is_q4, a, b, n) in a native layout")
+      .def(pybind11::init<pybind11::list, pybind11::object, int64_t, bool, pybind11::object>(),
+           "experts, router (E, H) fp32, top_k, normalize, routing (moe.h MoeExperts): routes by itself")
+      .def("forward_routed", &NativeMoe::forward_routed, pybind11::call_guard<pybind11::gil_scoped_release>(),
+           "x (T, H) fp32 -> (T, H), routed by the router given at construction")
       .def("forward", &NativeMoe::forward, pybind11::call_guard<pybind11::gil_scoped_release>(),
            "x (T, H) fp32, ids (T, k) int64, weights (T, k) -> (T, H)")
       .def_property_readonly("num_experts", &NativeMoe::num_experts);

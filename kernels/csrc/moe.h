@@ -4,7 +4,9 @@
 // its items, so each item is computed by exactly one thread in the same order whatever the split.
 //
 //   MoeStep s(experts, tokens);
-//   s.route(x, r0, r1)      rows: router logits, softmax, top-k, renormalised (or s.set_routes(ids, weights))
+//   s.route(x, r0, r1)      rows: router scores (softmax, or DeepSeek's group-limited softmax / sigmoid), top-k,
+//                           renormalised and scaled per the family, plus the shared expert's slot (or
+//                           s.set_routes(ids, weights))
 //   s.group()               serial: (token, slot) pairs grouped by expert, in expert id order
 //   s.gather(x, c0, c1)     chosen experts: their rows, rounded to int8 per group of 32
 //   s.gate_up(b0, b1)       weight blocks of every chosen expert's gate|up, concatenated
@@ -35,20 +37,34 @@ struct Product {           // one weight in a native layout
 
 Product make_product(pybind11::tuple t);   // (is_q4, a, b, n)
 
-struct MoeExperts {
-  std::vector<Product> gate_up, down;   // per expert: gate rows then up rows (2 x inter), and down (hidden)
-  at::Tensor router;                    // (E, hidden) fp32 for route(), or undefined
-  int64_t hidden = 0, inter = 0, top_k = 0;
-  bool normalize = false;               // renormalise the top-k softmax weights to sum to 1
+// How route() scores and picks experts (server/engine/models/moe.py's moe_settings, as transformers routes)
+enum class Scoring { kSoftmax = 0, kSoftmaxGroup = 1, kSigmoidGroup = 2 };
 
-  // experts: [(gate_up, down)] products; router may be None (the caller routes)
-  MoeExperts(pybind11::list experts, pybind11::object router, int64_t top_k, bool normalize);
+struct MoeExperts {
+  // per expert: gate rows then up rows (2 x its inter), and down (hidden); the shared expert, when the model
+  // has one (Qwen2-MoE's, DeepSeek's n_shared_experts as one MLP), is the last entry, past the routed ones
+  std::vector<Product> gate_up, down;
+  at::Tensor router;                    // (E, hidden) fp32 for route(), or undefined
+  int64_t hidden = 0, inter = 0, top_k = 0, routed = 0;
+  bool normalize = false;               // renormalise the top-k weights to sum to 1
+  Scoring scoring = Scoring::kSoftmax;
+  int64_t n_group = 1, topk_group = 1;  // DeepSeek: experts only from each token's topk_group best groups
+  float scale = 1.f;                    // routed_scaling_factor
+  at::Tensor score_bias;                // (E,) fp32, DeepSeek V3's e_score_correction_bias (choice only)
+  at::Tensor shared_gate;               // (hidden,) fp32: the shared expert weighs sigmoid(x . gate) (Qwen2-MoE)
+
+  // experts: [(gate_up, down)] products; router may be None (the caller routes); routing: None (softmax top-k)
+  // or (scoring, n_group, topk_group, scale, score_bias | None, shared (gate_up, down) | None, shared_gate | None)
+  MoeExperts(pybind11::list experts, pybind11::object router, int64_t top_k, bool normalize,
+             pybind11::object routing = pybind11::none());
   int64_t num_experts() const { return static_cast<int64_t>(gate_up.size()); }
+  bool has_shared() const { return num_experts() > routed; }
+  int64_t slots() const { return top_k + (has_shared() ? 1 : 0); }   // per token, the shared expert's included
 };
 
 class MoeStep {
  public:
-  // top_k: slots per token (0: the experts' own top_k, which route() uses)
+  // top_k: slots per token (0: the experts' own slots(), which route() fills)
   MoeStep(const MoeExperts& m, int64_t tokens, int64_t top_k = 0);
   void route(const float* x, int64_t r0, int64_t r1);
   void set_routes(const int64_t* ids, const float* weights);

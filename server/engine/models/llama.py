@@ -15,7 +15,9 @@ berth picks once per model, as vLLM and llama.cpp do: long factors when max_mode
 exceeds original_max_position_embeddings, else short. Outputs equal transformers' for every sequence when
 max_model_len <= original_max_position_embeddings, and for sequences longer than it otherwise; a shorter
 sequence under a longer max_model_len gets the long factors where transformers would use the short ones.
-The C++ step (kernels/cpu_model.cpp) runs Phi-3 too: RoPE on the first rotary_dim dimensions of each head and
+Mixture-of-experts layers (moe.py) and DeepSeek's latent attention (mla.py) run on the C++ step too when their
+products are GGUF / int4 weights: every router and shared experts in kernels/csrc/moe.cpp, the latent attention in
+kernels/csrc/mla.cpp (the team step only). The C++ step (kernels/cpu_model.cpp) runs Phi-3 too: RoPE on the first rotary_dim dimensions of each head and
 attention over the last sliding_window keys of each query.
 
 Gemma 2 (Gemma2ForCausalLM) and Gemma 3 text (Gemma3ForCausalLM, model_type gemma3_text): the same paged
@@ -398,17 +400,13 @@ class LlamaForCausalLM(nn.Module):
                                nn.Parameter(torch.empty(config.vocab_size, config.hidden_size),
                                             requires_grad=False))
         # what the C++ step computes exactly: the Llama layer with partial rotary and one window for every layer
-        # (Phi-3), and softmax-routed experts; none of Gemma's differences nor MLA (module docstring)
+        # (Phi-3), Gemma's differences, experts (every router, shared experts) and DeepSeek's latent attention; the
+        # experts and MLA need their products in native kernels' layouts (checked when the step is built:
+        # _native_model)
         gemma = is_gemma(config)
-        moe, mla = moe_settings(config), is_mla(config)
-        # the C++ step runs softmax top-k experts without shared experts (Mixtral, Qwen3-MoE) when every expert is
-        # in a native kernel's layout (checked when the step is built: _native_model)
-        native_moe = moe is None or (moe["scoring"] == "softmax" and not moe["shared_intermediate_size"])
         # Gemma: with the GELU-tanh MLP (every released Gemma 2/3); the exact-GELU variant stays on PyTorch
-        native_gemma = not gemma or GEMMA_ACTIVATIONS[config.hidden_activation] == "tanh"
-        self.native_capable = not mla and native_moe and native_gemma
-        self.native_reason = ("Gemma's exact-GELU MLP" if gemma else "latent attention (MLA)" if mla
-                              else "mixture-of-experts layers with shared experts or non-softmax routing")
+        self.native_capable = not gemma or GEMMA_ACTIVATIONS[config.hidden_activation] == "tanh"
+        self.native_reason = "Gemma's exact-GELU MLP"
         self.sliding_window = sliding_window_of(config)
         # Gemma: embeddings times sqrt(hidden_size); logits soft-capped (tanh(logits / cap) * cap)
         self.embed_scale = config.hidden_size ** 0.5 if gemma else None
@@ -488,10 +486,18 @@ class LlamaForCausalLM(nn.Module):
                 self.native_capable = False
                 self.native_reason = "mixture-of-experts layers whose experts are not GGUF / int4 weights"
                 return None
-            self._native = ext.NativeModel(layers,
-                                           _norm_weight(self.model.norm), attn.num_heads, attn.num_kv_heads, attn.head_dim,
-                                           float(self.config.rms_norm_eps), rotary_dim_of(self.config),
-                                           getattr(self, "sliding_window", None) or 0)
+            if isinstance(attn, MLAttention):   # one KV head of latent rows; RoPE on the rope dims
+                heads, kv_heads, head_dim, rotary = attn.num_heads, 1, attn.rank + attn.rope, attn.rope
+            else:
+                heads, kv_heads, head_dim, rotary = (attn.num_heads, attn.num_kv_heads, attn.head_dim,
+                                                     rotary_dim_of(self.config))
+            step = ext.NativeModel(layers, _norm_weight(self.model.norm), heads, kv_heads, head_dim,
+                                   float(self.config.rms_norm_eps), rotary, getattr(self, "sliding_window", None) or 0)
+            if isinstance(attn, MLAttention) and not step.team:   # latent attention: the team step only
+                self.native_capable = False
+                self.native_reason = "latent attention (MLA) whose projections are not all GGUF / int4 weights"
+                return None
+            self._native = step
         return self._native
 
     @torch.inference_mode()
@@ -554,11 +560,20 @@ def _norm_weight(norm: RMSNorm) -> Tensor:
 
 def _native_layer(layer: DecoderLayer, local_rope: bool = False) -> tuple | None:
     """The layer as kernels/csrc/cpu_model.cpp's NativeModel reads it; None for experts it cannot run. Gemma:
-    the MLP's input norm is pre_feedforward_layernorm, and post_attention / post_feedforward norm the outputs."""
+    the MLP's input norm is pre_feedforward_layernorm, and post_attention / post_feedforward norm the outputs.
+    MLA: the query product in qkv's place and the latent attention's own tuple last (kernels/csrc/mla.h)."""
     attn = layer.self_attn
-    q_norm, k_norm = (_norm_weight(attn.q_norm), _norm_weight(attn.k_norm)) if attn.has_qk_norm else (None, None)
     gemma = isinstance(layer, GemmaDecoderLayer)
     mlp_norm = layer.pre_feedforward_layernorm if gemma else layer.post_attention_layernorm
+    if isinstance(attn, MLAttention):
+        head = (_norm_weight(layer.input_layernorm), _norm_weight(mlp_norm), None, None,
+                _native_linear(attn.q_b_proj if attn.q_lora_rank else attn.q_proj), _native_linear(attn.o_proj))
+        mla = _native_mla(attn)
+        if not isinstance(layer.mlp, SparseMoe):
+            return head + (_native_linear(layer.mlp.gate_up_proj), _native_linear(layer.mlp.down_proj), None, None, mla)
+        moe = _native_moe(layer.mlp)
+        return None if moe is None else head + (None, None, moe, None, mla)
+    q_norm, k_norm = (_norm_weight(attn.q_norm), _norm_weight(attn.k_norm)) if attn.has_qk_norm else (None, None)
     head = (_norm_weight(layer.input_layernorm), _norm_weight(mlp_norm), q_norm, k_norm,
             _native_linear(attn.qkv_proj), _native_linear(attn.o_proj))
     if gemma:
@@ -568,8 +583,44 @@ def _native_layer(layer: DecoderLayer, local_rope: bool = False) -> tuple | None
         return head + (_native_linear(layer.mlp.gate_up_proj), _native_linear(layer.mlp.down_proj), None, extras)
     if not isinstance(layer.mlp, SparseMoe):
         return head + (_native_linear(layer.mlp.gate_up_proj), _native_linear(layer.mlp.down_proj))
-    experts = layer.mlp.native_experts()
+    moe = _native_moe(layer.mlp)
+    return None if moe is None else head + (None, None, moe)
+
+
+SCORINGS = {"softmax": 0, "softmax_group": 1, "sigmoid_group": 2}   # kernels/csrc/moe.h's Scoring
+
+
+def _native_moe(moe: SparseMoe) -> tuple | None:
+    """(experts, router, top_k, normalize, routing) as kernels/csrc/moe.h's MoeExperts reads them (the shared
+    expert and its gate inside routing), or None when some product is not in a native kernel's layout."""
+    from server.engine.models.moe import _native_product
+
+    experts, s = moe.native_experts(), moe.settings
     if experts is None:
         return None
-    s = layer.mlp.settings
-    return head + (None, None, (experts, layer.mlp.gate.weight.float().contiguous(), s["top_k"], s["normalize"]))
+    shared = gate = None
+    if moe.shared_experts is not None:
+        shared = (_native_product(moe.shared_experts.gate_up_proj), _native_product(moe.shared_experts.down_proj))
+        if None in shared or getattr(moe.shared_experts, "gelu", None) is not None:
+            return None
+        if s["shared_gate"]:
+            if not moe.shared_expert_gate.weight.numel():
+                return None
+            gate = moe.shared_expert_gate.weight.float().reshape(-1).contiguous()
+    bias = moe.gate.e_score_correction_bias.float().contiguous() if s["score_bias"] else None
+    routing = (SCORINGS[s["scoring"]], s["n_group"], s["topk_group"], s["scale"], bias, shared, gate)
+    return experts, moe.gate.weight.float().contiguous(), s["top_k"], s["normalize"], routing
+
+
+def _native_mla(attn: MLAttention) -> tuple:
+    """(q_a | None, kv_a, (q_a_norm | None, kv_a_norm, W_uk, W_uv transposed, heads, nope, rope, rank, v, q_lora,
+    scale, eps, interleaved)) as kernels/csrc/cpu_model.cpp reads a latent attention."""
+    w_uk, w_uv = attn.absorbed()
+    if not w_uv.transpose(1, 2).is_contiguous():   # W_uv kept transposed (rank, v) per head; the PyTorch path
+        w_uv_t = w_uv.float().transpose(1, 2).contiguous()   # reads the same memory through a view
+        attn._absorbed = w_uk, w_uv = w_uk, w_uv_t.transpose(1, 2)
+    q_lora = attn.q_lora_rank or 0
+    dims = (_norm_weight(attn.q_a_layernorm) if q_lora else None, _norm_weight(attn.kv_a_layernorm),
+            w_uk.float().contiguous(), w_uv.transpose(1, 2), attn.num_heads, attn.nope, attn.rope, attn.rank,
+            attn.v_dim, q_lora, float(attn.scale), float(attn.kv_a_layernorm.eps), bool(attn.interleaved))
+    return (_native_linear(attn.q_a_proj) if q_lora else None, _native_linear(attn.kv_a_proj_with_mqa), dims)
