@@ -40,6 +40,14 @@ class Shape:
     experts: int = 0       # routed experts per layer (0: dense), each expert_ffn wide, expert_used per token
     expert_used: int = 0
     expert_ffn: int = 0
+    # DeepSeek (deepseek2): latent attention with a kv_lora-wide latent, rope_dim rotated dims, head_size the
+    # non-rotated query/key dims, v_dim per head values; shared experts (each expert_ffn wide) in every MoE layer;
+    # the first dense_layers layers dense (ffn wide)
+    kv_lora: int = 0
+    rope_dim: int = 0
+    v_dim: int = 0
+    shared_experts: int = 0
+    dense_layers: int = 0
 
     @property
     def head_dim(self) -> int:
@@ -56,6 +64,12 @@ MODELS: dict[str, Shape] = {
     # of two servers, is the same at any depth
     "qwen3moe": Shape("qwen3-30b-a3b-8l", "qwen3moe", 2048, 8, 32, 4, 6144, rope_theta=1e6, rms_eps=1e-6,
                       tied=False, head_size=128, qk_norm=True, experts=128, expert_used=8, expert_ffn=768),
+    # DeepSeek-V2-Lite's layers (latent attention: 16 heads, latent 512, 64 rotated + 128 other dims; 64 experts of
+    # 1408, 6 per token, 2 shared; the first layer dense, 10944 wide) with 8 of its 27 layers, as llama.cpp's
+    # converter writes them (attn_k_b / attn_v_b); without its YaRN scaling, which changes no work
+    "deepseek": Shape("deepseek-v2-lite-8l", "deepseek2", 2048, 8, 16, 16, 10944, rope_theta=10000.0, rms_eps=1e-6,
+                      tied=False, head_size=128, experts=64, expert_used=6, expert_ffn=1408, kv_lora=512, rope_dim=64,
+                      v_dim=128, shared_experts=2, dense_layers=1),
 }
 
 
@@ -67,6 +81,18 @@ def tensor_specs(shape: Shape, vocab: int) -> Iterator[tuple[str, tuple[int, ...
     for i in range(shape.layers):
         p = f"blk.{i}."
         yield p + "attn_norm.weight", (h,), "norm"
+        if shape.kv_lora:
+            yield from _mla_specs(shape, p)
+            yield p + "ffn_norm.weight", (h,), "norm"
+            if i < shape.dense_layers:
+                yield from _dense_ffn_specs(shape, p, shape.ffn)
+            else:
+                yield from _expert_specs(shape, p)
+                shared = shape.shared_experts * shape.expert_ffn
+                yield p + "ffn_gate_shexp.weight", (shared, h), "weight"
+                yield p + "ffn_up_shexp.weight", (shared, h), "weight"
+                yield p + "ffn_down_shexp.weight", (h, shared), "weight"
+            continue
         yield p + "attn_q.weight", (q, h), "weight"
         yield p + "attn_k.weight", (kv, h), "weight"
         yield p + "attn_v.weight", (kv, h), "weight"
@@ -79,19 +105,41 @@ def tensor_specs(shape: Shape, vocab: int) -> Iterator[tuple[str, tuple[int, ...
             yield p + "attn_k_norm.weight", (shape.head_dim,), "norm"
         yield p + "attn_output.weight", (h, q), "weight"
         yield p + "ffn_norm.weight", (h,), "norm"
-        if shape.experts:   # llama.cpp's stacked experts: (experts, rows, cols); the router stays F32
-            e, f = shape.experts, shape.expert_ffn
-            yield p + "ffn_gate_inp.weight", (e, h), "router"
-            yield p + "ffn_gate_exps.weight", (e, f, h), "weight"
-            yield p + "ffn_up_exps.weight", (e, f, h), "weight"
-            yield p + "ffn_down_exps.weight", (e, h, f), "weight"
+        if shape.experts:
+            yield from _expert_specs(shape, p)
             continue
-        yield p + "ffn_gate.weight", (shape.ffn, h), "weight"
-        yield p + "ffn_up.weight", (shape.ffn, h), "weight"
-        yield p + "ffn_down.weight", (h, shape.ffn), "weight"
+        yield from _dense_ffn_specs(shape, p, shape.ffn)
     yield "output_norm.weight", (h,), "norm"
     if not shape.tied:
         yield "output.weight", (vocab, h), "weight"
+
+
+def _dense_ffn_specs(shape: Shape, p: str, ffn: int) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    h = shape.hidden
+    yield p + "ffn_gate.weight", (ffn, h), "weight"
+    yield p + "ffn_up.weight", (ffn, h), "weight"
+    yield p + "ffn_down.weight", (h, ffn), "weight"
+
+
+def _expert_specs(shape: Shape, p: str) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    """llama.cpp's stacked experts: (experts, rows, cols); the router stays F32."""
+    h, e, f = shape.hidden, shape.experts, shape.expert_ffn
+    yield p + "ffn_gate_inp.weight", (e, h), "router"
+    yield p + "ffn_gate_exps.weight", (e, f, h), "weight"
+    yield p + "ffn_up_exps.weight", (e, f, h), "weight"
+    yield p + "ffn_down_exps.weight", (e, h, f), "weight"
+
+
+def _mla_specs(shape: Shape, p: str) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    """DeepSeek's latent attention as llama.cpp's converter writes it (no query LoRA: V2-Lite): kv_b split into
+    attn_k_b (heads, latent, nope) and attn_v_b (heads, v, latent)."""
+    h, heads, nope = shape.hidden, shape.heads, shape.head_dim
+    yield p + "attn_q.weight", (heads * (nope + shape.rope_dim), h), "weight"
+    yield p + "attn_kv_a_mqa.weight", (shape.kv_lora + shape.rope_dim, h), "weight"
+    yield p + "attn_kv_a_norm.weight", (shape.kv_lora,), "norm"
+    yield p + "attn_k_b.weight", (heads, shape.kv_lora, nope), "weight"
+    yield p + "attn_v_b.weight", (heads, shape.v_dim, shape.kv_lora), "weight"
+    yield p + "attn_output.weight", (h, heads * shape.v_dim), "weight"
 
 
 def _dtype(kind: str, weight_dtype: np.dtype) -> np.dtype:
@@ -197,15 +245,27 @@ def write_model(shape: Shape, path: Path, tokenizer_gguf: Path, weight_dtype=np.
     writer.add_head_count_kv(shape.kv_heads)
     writer.add_rope_freq_base(shape.rope_theta)
     writer.add_layer_norm_rms_eps(shape.rms_eps)
-    writer.add_rope_dimension_count(shape.head_dim)
+    if not shape.kv_lora:
+        writer.add_rope_dimension_count(shape.head_dim)
     writer.add_vocab_size(vocab)
-    if shape.head_size:
+    if shape.head_size and not shape.kv_lora:
         writer.add_key_length(shape.head_size)
         writer.add_value_length(shape.head_size)
     if shape.experts:
         writer.add_expert_count(shape.experts)
         writer.add_expert_used_count(shape.expert_used)
         writer.add_expert_feed_forward_length(shape.expert_ffn)
+    if shape.kv_lora:   # the deepseek2 keys of llama.cpp's DeepseekV2Model converter (MLA as absorbed MQA)
+        writer.add_leading_dense_block_count(shape.dense_layers)
+        writer.add_kv_lora_rank(shape.kv_lora)
+        writer.add_key_length(shape.kv_lora + shape.rope_dim)
+        writer.add_value_length(shape.kv_lora)
+        writer.add_key_length_mla(shape.head_dim + shape.rope_dim)
+        writer.add_value_length_mla(shape.v_dim)
+        writer.add_rope_dimension_count(shape.rope_dim)
+        writer.add_expert_shared_count(shape.shared_experts)
+        writer.add_expert_weights_scale(1.0)
+        writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SOFTMAX)
     for key, value, types in fields:
         sub = gguf.GGUFValueType(types[1]) if len(types) > 1 else None
         writer.add_key_value(key, value, gguf.GGUFValueType(types[0]), sub_type=sub)

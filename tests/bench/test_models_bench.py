@@ -185,3 +185,51 @@ def test_llama_args_text_leaves_out_binary_model_host_and_port():
     argv = ["llama-server", "-m", "x.gguf", "-t", "2", "-np", "8", "-c", "8192", "--host", "127.0.0.1",
             "--port", "8131", "--no-repack"]
     assert models._llama_args_text(argv) == "-t 2 -np 8 -c 8192 --no-repack"
+
+
+def test_tiny_deepseek_shape_is_served_natively_by_berth(tmp_path):
+    """The deepseek2 writer (latent attention as attn_k_b / attn_v_b, a dense first layer, stacked and shared
+    experts) makes a file berth's GGUF loader reads: the architecture, MLA dims and experts as written, and a step
+    on the native C++ step (one team) after quantizing to Q8_0 with gguf's own quantizer."""
+    import gguf
+    import torch
+
+    from kernels import native
+    from server.engine.models.gguf_loader import build_gguf_model, write_sidecar
+    from tests.engine.test_models import PROMPT, new_caches, run_chunk, scattered_table
+
+    if not DEFAULT_GGUF.is_file():
+        pytest.skip("default GGUF not fetched (make model)")
+    shape = Shape("tiny-ds", "deepseek2", hidden=64, layers=3, heads=4, kv_heads=4, ffn=96, rms_eps=1e-6, tied=False,
+                  head_size=32, experts=8, expert_used=2, expert_ffn=32, kv_lora=32, rope_dim=8, v_dim=32,
+                  shared_experts=2, dense_layers=1)
+    names = [name for name, _, _ in tensor_specs(shape, 49152)]
+    assert "blk.0.ffn_gate.weight" in names and "blk.1.ffn_gate_exps.weight" in names
+    assert "blk.2.ffn_down_shexp.weight" in names and "blk.2.attn_k_b.weight" in names
+    f16 = write_model(shape, tmp_path / "f16.gguf", DEFAULT_GGUF, np.float16, log=None)
+    reader = gguf.GGUFReader(str(f16))   # requantize the 2-D weights to Q8_0 as llama-quantize would
+    writer = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "deepseek2")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        writer.add_key_value(field.name, field.contents(), field.types[0],
+                             sub_type=field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None)
+    for t in reader.tensors:
+        data = np.asarray(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+        if data.ndim >= 2 and data.shape[-1] % 32 == 0 and "gate_inp" not in t.name:
+            writer.add_tensor(t.name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(t.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    model, _ = build_gguf_model(write_sidecar(tmp_path / "m.gguf", tmp_path / "sidecar"), torch.device("cpu"))
+    cfg = model.config
+    assert (cfg.model_type, cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.qk_nope_head_dim, cfg.v_head_dim,
+            cfg.n_routed_experts, cfg.n_shared_experts, cfg.first_k_dense_replace) == ("deepseek_v2", 32, 8, 32, 32, 8, 2, 1)
+    logits = run_chunk(model, new_caches(model, 64), PROMPT, 0, scattered_table(3))
+    assert logits.shape == (len(PROMPT), 49152) and torch.isfinite(logits).all()
+    if native.load() is not None:
+        assert getattr(model, "_native", None) is not None and model._native.team, model.native_reason
