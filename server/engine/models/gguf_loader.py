@@ -8,7 +8,8 @@ from the GGUF's tokenizer.* fields, the chat template) and a `model.gguf` link t
 of berth (Tokenizer, AutoConfig, the factory) reads it like any Hugging Face folder; no weight is ever
 written out. The weights go tensor by tensor from the memory-mapped file into the native kernels'
 layouts (kernels/gguf_repack.py says which type goes where); norms stay fp32, float tensors keep their
-dtype, the embedding table stays in the file's type and is dequantised per looked-up row.
+dtype, the embedding table stays in the file's type and is dequantised per looked-up row (a tied model's from
+its output layer's layout where that holds the file's values exactly: GgufEmbedding).
 """
 from __future__ import annotations
 
