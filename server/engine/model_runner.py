@@ -23,11 +23,22 @@ def kv_bytes_per_token(hf_config, dtype: torch.dtype, max_model_len: int | None 
 
 def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zeroed KV cache. On the CPU through calloc (numpy): the pages stay untouched, so not resident,
-    until a block is written: the pool's size costs address space, not RAM, until requests fill it."""
+    until a block is written: the pool's size costs address space, not RAM, until requests fill it. numpy
+    advises huge pages (MADV_HUGEPAGE) for arrays of 4 MiB or more; not here: khugepaged would then fill whole
+    2 MiB pages around the blocks written (64 blocks of a layer at once), in the background, on the CPUs the
+    step needs (llama-3.2-1b Q8_0 served with numpy's advice off process-wide: peak RSS 1,639 -> 1,604 MiB, one
+    probe run each)."""
     if device.type == "cpu" and dtype in (torch.float32, torch.float16):
         import numpy as np
 
-        return torch.from_numpy(np.zeros(shape, dtype=np.float32 if dtype == torch.float32 else np.float16))
+        multiarray = getattr(np, "_core", getattr(np, "core", None)).multiarray
+        advise = getattr(multiarray, "_set_madvise_hugepage", None)
+        before = advise(False) if advise is not None else None
+        try:
+            return torch.from_numpy(np.zeros(shape, dtype=np.float32 if dtype == torch.float32 else np.float16))
+        finally:
+            if advise is not None:
+                advise(before)
     return torch.zeros(shape, dtype=dtype, device=device)
 
 

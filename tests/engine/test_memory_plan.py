@@ -85,3 +85,37 @@ def test_context_blocks_size_the_default_pool():
     windowed = plan_memory(weights=GIB, kv_per_token=KV_PER_TOKEN, block_size=16, activations=0, max_model_len=2048,
                            max_num_seqs=2, kv_cache_gib=None, utilization=0.9, available=64 * GIB, context_blocks=40)
     assert full.num_blocks == 2 * 128 and windowed.num_blocks == 2 * 40
+
+
+def test_kv_pool_asks_for_no_huge_pages():
+    """The KV pool's mapping is not advised MADV_HUGEPAGE (numpy advises it for arrays of 4 MiB or more, from
+    their first page boundary on): its VmFlags in /proc/self/smaps lack "hg", so only the blocks written become
+    resident; numpy's own advice is back on afterwards."""
+    from pathlib import Path
+
+    import numpy as np
+    import torch
+
+    from server.engine.model_runner import _zeros
+
+    smaps = Path("/proc/self/smaps")
+    if not smaps.exists():
+        pytest.skip("no /proc/self/smaps")
+
+    def flags_of(address: int) -> set[str]:
+        inside = False
+        for line in smaps.read_text().splitlines():
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and line.startswith("VmFlags:"):
+                return set(line.split()[1:])
+        raise AssertionError("mapping not found")
+
+    pool = _zeros((256, 16, 8, 64), torch.float32, torch.device("cpu"))    # 32 MiB
+    assert "hg" not in flags_of(pool.data_ptr() + (1 << 20))
+    plain = np.zeros((256, 16, 8, 64), dtype=np.float32)
+    multiarray = getattr(np, "_core", getattr(np, "core", None)).multiarray
+    if hasattr(multiarray, "_set_madvise_hugepage") and Path("/sys/kernel/mm/transparent_hugepage").exists():
+        assert "hg" in flags_of(plain.ctypes.data + (1 << 20))   # numpy's default, restored
