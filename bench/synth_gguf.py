@@ -258,6 +258,7 @@ def write_model(shape: Shape, path: Path, tokenizer_gguf: Path, weight_dtype=np.
     if shape.kv_lora:   # the deepseek2 keys of llama.cpp's DeepseekV2Model converter (MLA as absorbed MQA)
         writer.add_leading_dense_block_count(shape.dense_layers)
         writer.add_kv_lora_rank(shape.kv_lora)
+        writer.add_q_lora_rank(0)   # no query LoRA; llama.cpp infers that from 26/27 layers only, so say it
         writer.add_key_length(shape.kv_lora + shape.rope_dim)
         writer.add_value_length(shape.kv_lora)
         writer.add_key_length_mla(shape.head_dim + shape.rope_dim)
