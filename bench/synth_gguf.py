@@ -66,8 +66,9 @@ MODELS: dict[str, Shape] = {
                       tied=False, head_size=128, qk_norm=True, experts=128, expert_used=8, expert_ffn=768),
     # DeepSeek-V2-Lite's layers (latent attention: 16 heads, latent 512, 64 rotated + 128 other dims; 64 experts of
     # 1408, 6 per token, 2 shared; the first layer dense, 10944 wide) with 8 of its 27 layers, as llama.cpp's
-    # converter writes them (attn_k_b / attn_v_b); without its YaRN scaling, which changes no work
-    "deepseek": Shape("deepseek-v2-lite-8l", "deepseek2", 2048, 8, 16, 16, 10944, rope_theta=10000.0, rms_eps=1e-6,
+    # converter writes them (attn_k_b / attn_v_b, head_count_kv 1: the latent rows are one KV head); without its
+    # YaRN scaling, which changes no work
+    "deepseek": Shape("deepseek-v2-lite-8l", "deepseek2", 2048, 8, 16, 1, 10944, rope_theta=10000.0, rms_eps=1e-6,
                       tied=False, head_size=128, experts=64, expert_used=6, expert_ffn=1408, kv_lora=512, rope_dim=64,
                       v_dim=128, shared_experts=2, dense_layers=1),
 }

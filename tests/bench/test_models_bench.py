@@ -200,7 +200,7 @@ def test_tiny_deepseek_shape_is_served_natively_by_berth(tmp_path):
 
     if not DEFAULT_GGUF.is_file():
         pytest.skip("default GGUF not fetched (make model)")
-    shape = Shape("tiny-ds", "deepseek2", hidden=64, layers=3, heads=4, kv_heads=4, ffn=96, rms_eps=1e-6, tied=False,
+    shape = Shape("tiny-ds", "deepseek2", hidden=64, layers=3, heads=4, kv_heads=1, ffn=96, rms_eps=1e-6, tied=False,
                   head_size=32, experts=8, expert_used=2, expert_ffn=32, kv_lora=32, rope_dim=8, v_dim=32,
                   shared_experts=2, dense_layers=1)
     names = [name for name, _, _ in tensor_specs(shape, 49152)]
