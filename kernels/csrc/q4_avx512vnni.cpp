@@ -19,13 +19,10 @@ template <int T>
 void q4_block_vnni(const uint8_t* w, const at::Half* scale_min, const QuantizedRows& qx, int64_t k, int64_t row0,
                    float* y, int64_t n, int64_t col0) {
   const int64_t groups = k / kGroup;
-  const int8_t* q[T];
-  const float *dx[T], *sx[T];
-  for (int t = 0; t < T; ++t) {
-    q[t] = qx.q.data() + (row0 + t) * k;
-    dx[t] = qx.d.data() + (row0 + t) * groups;
-    sx[t] = qx.s.data() + (row0 + t) * groups;
-  }
+  const RowPointers<T> rows(qx, k, row0);
+  const int8_t* const* q = rows.q;
+  const float* const* dx = rows.d;
+  const float* const* sx = rows.s;
   const __m256i mask = _mm256_set1_epi8(0x0F);
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
@@ -63,13 +60,10 @@ void q4_pair_vnni(const uint8_t* w, const at::Half* scale_min, const QuantizedRo
   const int64_t groups = k / kGroup;
   const uint8_t* w1 = w + groups * 128;
   const at::Half* sm1 = scale_min + groups * 16;
-  const int8_t* q[T];
-  const float *dx[T], *sx[T];
-  for (int t = 0; t < T; ++t) {
-    q[t] = qx.q.data() + (row0 + t) * k;
-    dx[t] = qx.d.data() + (row0 + t) * groups;
-    sx[t] = qx.s.data() + (row0 + t) * groups;
-  }
+  const RowPointers<T> rows(qx, k, row0);
+  const int8_t* const* q = rows.q;
+  const float* const* dx = rows.d;
+  const float* const* sx = rows.s;
   const __m512i mask = _mm512_set1_epi8(0x0F);
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();

@@ -15,12 +15,9 @@ template <int T>
 void q8_block_avx2(const int8_t* w, const at::Half* scales, const QuantizedRows& qx, int64_t k, int64_t row0,
               float* y, int64_t n, int64_t col0) {
   const int64_t groups = k / kGroup;
-  const int8_t* q[T];
-  const float* dx[T];
-  for (int t = 0; t < T; ++t) {
-    q[t] = qx.q.data() + (row0 + t) * k;
-    dx[t] = qx.d.data() + (row0 + t) * groups;
-  }
+  const RowPointers<T> rows(qx, k, row0);
+  const int8_t* const* q = rows.q;
+  const float* const* dx = rows.d;
   const __m256i ones = _mm256_set1_epi16(1);
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();

@@ -18,12 +18,9 @@ template <int T>
 void q8_block_vnni(const int8_t* w, const at::Half* scales, const QuantizedRows& qx, int64_t k, int64_t row0,
                    float* y, int64_t n, int64_t col0) {
   const int64_t groups = k / kGroup;
-  const int8_t* q[T];
-  const float* dx[T];
-  for (int t = 0; t < T; ++t) {
-    q[t] = qx.q.data() + (row0 + t) * k;
-    dx[t] = qx.d.data() + (row0 + t) * groups;
-  }
+  const RowPointers<T> rows(qx, k, row0);
+  const int8_t* const* q = rows.q;
+  const float* const* dx = rows.d;
   __m256 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
   for (int64_t g = 0; g < groups; ++g) {
@@ -57,13 +54,10 @@ void q8_pair_vnni(const int8_t* w, const at::Half* scales, const QuantizedRows& 
   const int64_t groups = k / kGroup;
   const int8_t* w1 = w + groups * 256;
   const at::Half* s1 = scales + groups * 8;
-  const int8_t* q[T];
-  const float *dx[T], *sx[T];
-  for (int t = 0; t < T; ++t) {
-    q[t] = qx.q.data() + (row0 + t) * k;
-    dx[t] = qx.d.data() + (row0 + t) * groups;
-    sx[t] = qx.s.data() + (row0 + t) * groups;
-  }
+  const RowPointers<T> rows(qx, k, row0);
+  const int8_t* const* q = rows.q;
+  const float* const* dx = rows.d;
+  const float* const* sx = rows.s;
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[T];
   for (int t = 0; t < T; ++t) acc[t] = _mm512_setzero_ps();

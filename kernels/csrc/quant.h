@@ -45,6 +45,22 @@ struct QuantizedRows {      // activations (M, K) as int8 per group of 32
   std::vector<float> s;     // (M, G) scale * sum(q)
 };
 
+// Rows row0..row0+T-1 of qx (width k): their codes, scales and scaled sums, for a kernel's pass over T rows
+template <int T>
+struct RowPointers {
+  const int8_t* q[T];
+  const float* d[T];
+  const float* s[T];
+  RowPointers(const QuantizedRows& qx, int64_t k, int64_t row0) {
+    const int64_t groups = k / kGroup;
+    for (int t = 0; t < T; ++t) {
+      q[t] = qx.q.data() + (row0 + t) * k;
+      d[t] = qx.d.data() + (row0 + t) * groups;
+      s[t] = qx.s.data() + (row0 + t) * groups;
+    }
+  }
+};
+
 // activations -> int8 per group of 32 (quant_rows.cpp)
 // Groups [begin, end) of the flattened (rows * K / 32) sequence: group i is row i / groups, group
 // i % groups. out holds at least that many rows of width k.

@@ -67,7 +67,13 @@ def blocks_to_hold(windows: Iterable[int | None], block_size: int, num_tokens: i
     tokens, over KV groups with these windows: every block in a full-attention group; in a window group those
     the chunk's queries can see (its blocks from the first visible one to the chunk's last)."""
     n = -(-num_tokens // block_size)
-    return sum(n if not w else min(n, -(-(w - 1 + max_chunk) // block_size) + 1) for w in windows)
+    return sum(n if not w else min(n, window_blocks(w, block_size, max_chunk)) for w in windows)
+
+
+def window_blocks(window: int, block_size: int, max_chunk: int) -> int:
+    """The most blocks a window group holds for a chunk of at most max_chunk tokens: the first block its queries
+    can see through the chunk's last."""
+    return -(-(window - 1 + max_chunk) // block_size) + 1
 
 
 NULL_BLOCK = 0   # table entry of a block released out of a sliding window (reserved when a group has a window)
@@ -239,7 +245,7 @@ class BlockManager:
         for window, table, hit in zip(self.windows, self._tables(seq), hits):
             new = max(n - len(table) - len(hit), 0)
             if window and max_chunk is not None:
-                new = min(new, -(-(window - 1 + max_chunk) // self.block_size) + 1)
+                new = min(new, window_blocks(window, self.block_size, max_chunk))
             needed += new + sum(1 for b in hit if not self._is_null(b) and self.blocks[b].ref_count == 0)
         return needed
 
